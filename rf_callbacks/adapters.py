@@ -1,0 +1,51 @@
+"""Adapters on the shared base: one PEFT adapter per run, created as TRL would and saved in PEFT's own format.
+
+Each run's adapter is initialised right after `set_seed(run seed)`, exactly what `SFTTrainer.__init__` does before
+`get_peft_model`, so a run's starting weights do not depend on which other runs share the base. Saving writes
+`adapter_config.json` + `adapter_model.safetensors` directly into the folder (PEFT's `save_pretrained` would put any
+adapter not named "default" into a sub-folder), so `PeftModel.from_pretrained(base, folder)` loads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import PreTrainedModel, set_seed
+
+from .configs import RunSpec
+
+
+def attach_adapters(model: PreTrainedModel, specs: Sequence[RunSpec]) -> PeftModel:
+    """Wrap `model` in a `PeftModel` holding one adapter per spec, named after the run."""
+    peft_model: PeftModel | None = None
+    for spec in specs:
+        set_seed(spec.args.seed)
+        try:
+            if peft_model is None:
+                peft_model = get_peft_model(model, spec.peft_config, adapter_name=spec.name)
+            else:
+                peft_model.add_adapter(spec.name, spec.peft_config)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"run {spec.name!r}: its peft_config cannot be applied to this model: {error}") from error
+    if peft_model is None:
+        raise ValueError("attach_adapters needs at least one spec with a peft_config")
+    return peft_model
+
+
+def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike) -> Path:
+    """Write one adapter as a standalone PEFT checkpoint (files are written under temporary names, then renamed)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    tmp = directory / ".adapter_model.safetensors.tmp"
+    save_file({key: value.detach().contiguous().cpu() for key, value in state_dict.items()}, tmp, {"format": "pt"})
+    os.replace(tmp, directory / "adapter_model.safetensors")
+    config = copy.deepcopy(model.peft_config[adapter_name])
+    config.inference_mode = True
+    config.save_pretrained(str(directory))
+    return directory

@@ -1,0 +1,108 @@
+"""Seeded chunking: which rows each run trains on, in which order, split into `num_chunks` slices per epoch.
+
+Every epoch the training set is shuffled once with the data seed (the same permutation accelerate's
+`SeedableRandomSampler` gives plain `Trainer`, so one config reproduces plain TRL exactly), or kept in order with
+`train_sampling_strategy="sequential"`. A run walks the epoch in micro-batches of its own batch size, grouped into
+optimizer steps of its own gradient accumulation, exactly as `Trainer` does. The epoch's optimizer steps are then cut
+into `num_chunks` contiguous, near-equal slices: chunk boundaries always fall between optimizer steps, so a run's
+trajectory does not depend on where the chunks fall. Slice `k` of the whole experiment is epoch `k // num_chunks`,
+chunk `k % num_chunks`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+
+@lru_cache(maxsize=8)
+def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool) -> tuple[int, ...]:
+    """Row order of one epoch: `torch.randperm` seeded with `seed + epoch`, as accelerate's seedable sampler does."""
+    if not shuffle:
+        return tuple(range(num_rows))
+    generator = torch.Generator().manual_seed(seed + epoch)
+    return tuple(torch.randperm(num_rows, generator=generator).tolist())
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """How one run walks through the data: batches, optimizer steps, chunks and its total step budget.
+
+    Args:
+        num_rows (`int`): Rows in the run's (tokenized) training set.
+        batch_size (`int`): The run's micro-batch size.
+        grad_accum (`int`): Micro-batches per optimizer step.
+        num_chunks (`int`): Chunks per epoch.
+        max_steps (`int`): Optimizer steps in the whole run, as `Trainer` computes them.
+        drop_last (`bool`): Whether the last incomplete micro-batch of an epoch is dropped.
+    """
+
+    num_rows: int
+    batch_size: int
+    grad_accum: int
+    num_chunks: int
+    max_steps: int
+    drop_last: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        num_rows: int,
+        batch_size: int,
+        grad_accum: int,
+        num_chunks: int,
+        max_steps: int,
+        num_train_epochs: float,
+        drop_last: bool = False,
+    ) -> DataPlan:
+        """Compute the step budget the way `Trainer.set_initial_training_values` does (max_steps wins over epochs)."""
+        batches = num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
+        steps_per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
+        if max_steps <= 0:
+            max_steps = math.ceil(num_train_epochs * steps_per_epoch)
+        return cls(num_rows, batch_size, grad_accum, num_chunks, max_steps, drop_last)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.num_rows // self.batch_size if self.drop_last else math.ceil(self.num_rows / self.batch_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        batches = self.batches_per_epoch
+        return max(batches // self.grad_accum + int(batches % self.grad_accum > 0), 1)
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.max_steps / self.steps_per_epoch)
+
+    @property
+    def num_slices(self) -> int:
+        """Slices (epoch, chunk) this run takes part in, the last one possibly cut short by `max_steps`."""
+        epoch, step = divmod(self.max_steps - 1, self.steps_per_epoch)
+        return epoch * self.num_chunks + self.chunk_of_step(step) + 1
+
+    def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+        """Optimizer steps `[start, end)` within an epoch that belong to `chunk`."""
+        steps = self.steps_per_epoch
+        return chunk * steps // self.num_chunks, (chunk + 1) * steps // self.num_chunks
+
+    def chunk_of_step(self, step_in_epoch: int) -> int:
+        return next(c for c in range(self.num_chunks) if self.chunk_bounds(c)[1] > step_in_epoch)
+
+    def slice_steps(self, slice_index: int) -> tuple[int, int, int]:
+        """`(epoch, first_step, end_step)` of a slice, in epoch-local optimizer steps, capped by `max_steps`."""
+        epoch, chunk = divmod(slice_index, self.num_chunks)
+        start, end = self.chunk_bounds(chunk)
+        remaining = self.max_steps - epoch * self.steps_per_epoch
+        return epoch, min(start, remaining), min(end, remaining)
+
+    def step_batches(self, step_in_epoch: int) -> range:
+        """Micro-batch indices (within the epoch) that make up one optimizer step."""
+        first = step_in_epoch * self.grad_accum
+        return range(first, min(first + self.grad_accum, self.batches_per_epoch))
+
+    def batch_rows(self, order: tuple[int, ...], batch_index: int) -> list[int]:
+        return list(order[batch_index * self.batch_size : (batch_index + 1) * self.batch_size])

@@ -1,0 +1,50 @@
+"""The coordinator: which run trains next, in chunk-major order.
+
+Slice `k` is (epoch `k // num_chunks`, chunk `k % num_chunks`). The next run to train is the first active run, in
+the order the runs were given, among those with the smallest next slice: every active run finishes slice `k` before
+any run starts slice `k + 1`, so at each boundary all runs have seen the same data and their metrics compare fairly.
+Runs whose budget ends earlier simply drop out of the rotation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .run import ACTIVE_STATUSES, Run
+
+
+class Coordinator:
+    """Orders (run, slice) work across runs.
+
+    Args:
+        runs (`Iterable[Run]`): The runs, in the order they were configured.
+    """
+
+    def __init__(self, runs: Iterable[Run]):
+        self.runs: dict[str, Run] = {run.name: run for run in runs}
+
+    def __getitem__(self, name: str) -> Run:
+        try:
+            return self.runs[name]
+        except KeyError:
+            raise KeyError(f"unknown run {name!r}; runs are {sorted(self.runs)}") from None
+
+    def __iter__(self):
+        return iter(self.runs.values())
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def active(self) -> list[Run]:
+        return [run for run in self.runs.values() if run.status in ACTIVE_STATUSES]
+
+    def next_run(self) -> Run | None:
+        """The run that trains the next slice, or `None` when no run is pending or running."""
+        active = self.active()
+        if not active:
+            return None
+        frontier = min(run.next_slice for run in active)
+        return next(run for run in active if run.next_slice == frontier)
+
+    def total_steps(self) -> int:
+        return sum(run.plan.max_steps for run in self.runs.values() if run.status != "deleted")

@@ -1,0 +1,443 @@
+"""`MultiConfigMixin`: the engine that trains several runs on one resident base model inside one TRL trainer.
+
+The mixin sits in front of a TRL trainer class (`class RFSFTTrainer(MultiConfigMixin, SFTTrainer)`) and replaces
+`Trainer._inner_training_loop` with a rotation: the coordinator picks a (run, slice); the run's parked state is
+swapped into the trainer's own attributes; the slice's optimizer steps run through the trainer's own
+`training_step`, gradient clipping, optimizer and scheduler steps, callbacks and `_maybe_log_save_evaluate` (the
+same calls, in the same order, as `Trainer._run_epoch`); at the boundary the run is evaluated and parked again.
+The trainer is built once and the base model is loaded once; a swap changes the active PEFT adapter and a few
+pointers. Why not re-enter `Trainer.train()` per chunk: each re-entry rebuilds `TrainerState`, restarts the
+dataloader at row 0 and spends ~0.3 s in `gc.collect()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from peft import PeftModel
+from transformers import ProgressCallback, TrainerControl, TrainerState
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import TrainOutput, speed_metrics
+
+from .adapters import save_adapter
+from .chunks import DataPlan, epoch_order
+from .configs import RunSpec
+from .coordinator import Coordinator
+from .parking import (
+    capture_rng,
+    offload_optimizer,
+    optimizer_bytes,
+    reload_optimizer,
+    restore_rng,
+    seeded_rng,
+    should_offload,
+)
+from .progress import RunsProgressCallback
+from .reporting import Ledger, LedgerCallback, write_json_atomic, write_run_json
+from .run import Run
+
+logger = logging.getLogger(__name__)
+
+# Trainer attributes that belong to the run being trained; they are swapped at every boundary.
+RUN_ATTRIBUTES = (
+    "args",
+    "state",
+    "control",
+    "optimizer",
+    "lr_scheduler",
+    "train_dataset",
+    "eval_dataset",
+    "_train_batch_size",
+    "_tr_loss",
+    "_total_loss_scalar",
+    "_globalstep_last_logged",
+    "_initial_num_input_tokens_seen",
+    "_initial_global_step",
+    "current_flos",
+    "current_gradient_accumulation_steps",
+)
+
+
+class MultiConfigMixin:
+    """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
+
+    Subclasses put it before a TRL trainer in the bases, call `_setup_runs` before `super().__init__()` has
+    prepared anything heavy, and `_build_runs` after it, and may extend `run_attributes` with the trainer's own
+    per-run attributes (e.g. its metric buffers).
+    """
+
+    run_attributes: tuple[str, ...] = RUN_ATTRIBUTES
+
+    # ----------------------------------------------------------------------------------------------- building
+    def _build_runs(self, specs: list[RunSpec], num_chunks: int, offload: bool | None) -> None:
+        """Create the runs, their data plans and the coordinator, once the trainer exists."""
+        self._rf_shared_args = self.args
+        self._rf_offload = offload
+        self._rf_active: Run | None = None
+        self._rf_datasets: dict[tuple, tuple[Any, Any]] = {}
+        self._rf_columns: dict[tuple, Any] = {}  # train sets as the dataloader would see them (unused columns gone)
+        runs = []
+        for spec in specs:
+            key = self._data_key(spec.args)
+            if key not in self._rf_datasets:
+                self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
+                self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
+            train_dataset = self._rf_datasets[key][0]
+            plan = DataPlan.build(
+                num_rows=len(train_dataset),
+                batch_size=spec.args.per_device_train_batch_size * max(1, spec.args.n_gpu),
+                grad_accum=spec.args.gradient_accumulation_steps,
+                num_chunks=num_chunks,
+                max_steps=spec.args.max_steps,
+                num_train_epochs=spec.args.num_train_epochs,
+                drop_last=spec.args.dataloader_drop_last,
+            )
+            if plan.steps_per_epoch < num_chunks:
+                raise ValueError(
+                    f"num_chunks={num_chunks} is more than run {spec.name!r} has optimizer steps per epoch "
+                    f"({plan.steps_per_epoch}: {plan.num_rows} rows, batch size {plan.batch_size}, gradient "
+                    f"accumulation {plan.grad_accum}); lower num_chunks to at most {plan.steps_per_epoch}"
+                )
+            runs.append(Run(spec=spec, plan=plan, data_key=key))
+        self.coordinator = Coordinator(runs)
+        self.output_dir = Path(self._rf_shared_args.output_dir)
+
+        # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
+        self.callback_handler.remove_callback(ProgressCallback)
+        self._rf_progress = RunsProgressCallback(self.coordinator, lambda: self._rf_active)
+        self.add_callback(self._rf_progress)
+        self._rf_ledger: Ledger | None = None
+        self._rf_ledger_callback = LedgerCallback(None, lambda: self._rf_active)
+        self.add_callback(self._rf_ledger_callback)
+
+    def _data_key(self, args) -> tuple:
+        """Settings that change a run's prepared data; runs with equal keys share one tokenized data set."""
+        return ()
+
+    def _prepare_run_datasets(self, args, key: tuple) -> tuple[Any, Any]:
+        """The (train, eval) data sets for runs whose data settings are `key`."""
+        return self.train_dataset, self.eval_dataset
+
+    # ------------------------------------------------------------------------------------------------ public
+    @property
+    def runs(self) -> Coordinator:
+        """The runs by name (`trainer.runs["a"].state.log_history`)."""
+        return self.coordinator
+
+    def results(self) -> list[dict[str, Any]]:
+        """One dict per run: name, status, global_step, train_loss (last logged), eval_loss (last or `None`),
+        chunks_done, parent, wall_time (seconds spent training it), error and its config."""
+        return [run.result() for run in self.coordinator]
+
+    def select_run(self, name: str) -> None:
+        """Make run `name` the trainer's current one, so `evaluate()`, `predict()` and `save_model()` use its adapter
+        and arguments."""
+        self._activate(self.coordinator[name])
+
+    # -------------------------------------------------------------------------------------------- swapping
+    def _activate(self, run: Run) -> None:
+        """Swap `run`'s parked attributes into the trainer and make its adapter the active, trainable one."""
+        if self._rf_active is run:
+            return
+        if self._rf_active is not None:
+            self._park(self._rf_active)
+        if isinstance(self.model, PeftModel):
+            self.model.set_adapter(run.name)
+        if not run.attributes:
+            self._init_run_state(run)
+        for name in self.run_attributes:
+            setattr(self, name, run.attributes[name])
+        if run.offloaded:
+            reload_optimizer(self.optimizer, self.args.device)
+            run.offloaded = False
+        for name in ("optimizer", "lr_scheduler"):
+            setattr(self.callback_handler, name, getattr(self, name))
+        self._rf_active = run
+
+    def _park(self, run: Run) -> None:
+        for name in self.run_attributes:
+            run.attributes[name] = getattr(self, name)
+        if should_offload(self._rf_offload, optimizer_bytes(self.optimizer)):
+            offload_optimizer(self.optimizer, run.pinned)
+            run.offloaded = True
+        self._rf_active = None
+
+    def _init_run_state(self, run: Run) -> None:
+        """Build a run's optimizer, scheduler and `TrainerState` as `Trainer._inner_training_loop` would."""
+        self.args = run.args
+        self.train_dataset, self.eval_dataset = self._rf_datasets[run.data_key]
+        self._train_batch_size = run.plan.batch_size
+        self.optimizer, self.lr_scheduler = None, None
+        self.create_optimizer()
+        self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
+        self.create_scheduler(num_training_steps=run.plan.max_steps, optimizer=self.optimizer)
+        self.control = TrainerControl()
+        stateful = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
+        self.state = TrainerState(stateful_callbacks=stateful)
+        self.state.train_batch_size = run.plan.batch_size
+        self.state.compute_steps(self.args, run.plan.max_steps)
+        self.state.init_training_references(self, run.plan.max_steps, run.plan.num_epochs, None)
+        self._tr_loss = torch.tensor(0.0, device=self.args.device)
+        self._total_loss_scalar = 0.0
+        self._globalstep_last_logged = 0
+        self._initial_num_input_tokens_seen = 0
+        self._initial_global_step = 0
+        self.current_flos = 0
+        self.current_gradient_accumulation_steps = 1
+        self._init_trainer_run_state(run)
+        run.attributes.update({name: getattr(self, name) for name in self.run_attributes})
+        # `Trainer.__init__` seeds the generators just before `train()`; every run starts from that state.
+        run.rng = seeded_rng(run.args.seed)
+
+    def _init_trainer_run_state(self, run: Run) -> None:
+        """Reset the trainer subclass's own per-run attributes (metric buffers, token counters)."""
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def _inner_training_loop(
+        self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None
+    ) -> TrainOutput:
+        if resume_from_checkpoint is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} cannot resume from a checkpoint yet (resume_from_checkpoint="
+                f"{resume_from_checkpoint!r}); each run's Trainer checkpoints are in <output_dir>/runs/<name>/"
+            )
+        self._open_experiment()
+        if self.model_wrapped is self.model:
+            model = self._wrap_model(self.model_wrapped)
+            if model is self.model:
+                model = self.accelerator.prepare_model(model)
+            self.model_wrapped = model
+        self._rf_progress.open(disable=self._rf_shared_args.disable_tqdm)
+        try:
+            while (run := self.coordinator.next_run()) is not None:
+                self._train_slice(run, trial, ignore_keys_for_eval)
+        finally:
+            self._rf_progress.close()
+            self._rf_ledger.sync()
+        return self._train_output()
+
+    def _open_experiment(self) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self._rf_ledger is None:
+            self._rf_ledger = self._rf_ledger_callback.ledger = Ledger(self.output_dir / "ledger.jsonl")
+        write_json_atomic(self.output_dir / "experiment.json", self._experiment_info())
+
+    def _experiment_info(self) -> dict[str, Any]:
+        import peft
+        import transformers
+        import trl
+
+        shared = self._rf_shared_args
+        return {
+            "trainer": type(self).__name__,
+            "num_chunks": next(iter(self.coordinator)).plan.num_chunks,
+            "seed": shared.seed,
+            "data_seed": shared.data_seed,
+            "train_sampling_strategy": shared.train_sampling_strategy,
+            "runs": [run.result() for run in self.coordinator],
+            "versions": {
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "trl": trl.__version__,
+                "peft": peft.__version__,
+            },
+        }
+
+    def _train_slice(self, run: Run, trial, ignore_keys_for_eval) -> None:
+        """Train one (run, slice), then handle the boundary: evaluate, finish or park."""
+        self._activate(run)
+        if run.status == "pending":
+            run.status = "running"
+            self._status_event(run)
+            self.model_wrapped.zero_grad()
+            self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        restore_rng(run.rng)
+        began = time.time()
+        epoch, first, end = run.plan.slice_steps(run.next_slice)
+        try:
+            stopped = self._train_steps(run, epoch, first, end, began - run.wall_time, trial, ignore_keys_for_eval)
+        except Exception as error:
+            if len(self.coordinator) == 1:
+                raise
+            logger.exception("run %r failed", run.name)
+            self._fail(run, f"{type(error).__name__}: {error}")
+            return
+        run.rng = capture_rng()
+        run.next_slice += 1
+        run.slices_done += 1
+        done = stopped or self.state.global_step >= run.plan.max_steps
+        if self.eval_dataset is not None and not self._evaluated_at_current_step():
+            self.evaluate(ignore_keys=ignore_keys_for_eval)
+        run.wall_time += time.time() - began
+        if done:
+            self._finish(run, time.time() - run.wall_time)
+        else:
+            self._rf_ledger.write(run.name, self.state.global_step, run.current_chunk, "boundary")
+
+    def _train_steps(self, run: Run, epoch: int, first: int, end: int, start_time: float, trial, ignore_keys) -> bool:
+        """Optimizer steps `[first, end)` of `epoch`, mirroring `Trainer._run_epoch` call for call.
+
+        Returns whether training was stopped (budget reached or a callback set `should_training_stop`).
+        """
+        plan, args, model = run.plan, self.args, self.model_wrapped
+        steps_in_epoch = plan.batches_per_epoch
+        order = epoch_order(plan.num_rows, epoch, self._data_seed(), self._shuffle())
+        if first == 0:
+            self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
+            # Plain Trainer's dataloader draws its workers' base seed from the global generator as an epoch starts.
+            torch.empty((), dtype=torch.int64).random_()
+        grad_norm, learning_rate = run.attributes.get("_rf_last_step", (None, None))
+        stop = False
+        for step_in_epoch in range(first, end):
+            batch_indices = plan.step_batches(step_in_epoch)
+            batches = self._batches(run, order, batch_indices)
+            batch_samples, num_items_in_batch = self.get_batch_samples(batches, len(batch_indices), args.device)
+            self.current_gradient_accumulation_steps = len(batch_samples)
+            for i, inputs in enumerate(batch_samples):
+                step = batch_indices[i]
+                do_sync_step = i == len(batch_samples) - 1
+                self.accelerator.gradient_state._set_sync_gradients(do_sync_step)
+                if i == 0:
+                    self.control = self.callback_handler.on_step_begin(args, self.state, self.control)
+                if (
+                    self.accelerator.gradient_state.plugin_kwargs.get("sync_each_batch", False)
+                    or self.accelerator.distributed_type == DistributedType.DEEPSPEED
+                    or do_sync_step
+                ):
+                    sync_context = contextlib.nullcontext
+                else:
+                    sync_context = functools.partial(self.accelerator.no_sync, model=model)
+                with sync_context():
+                    tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
+                if args.logging_nan_inf_filter and (torch.isnan(tr_loss_step) or torch.isinf(tr_loss_step)):
+                    self._tr_loss += self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)
+                else:
+                    self._tr_loss += tr_loss_step
+                self.current_flos += float(self.floating_point_ops(inputs))
+                self._track_num_input_tokens(inputs)
+
+                if do_sync_step:
+                    grad_norm = None
+                    if args.max_grad_norm > 0:
+                        grad_norm = self._clip_grad_norm(model)
+                    grad_norm = self._get_grad_norm(model, grad_norm=grad_norm)
+                    self.control = self.callback_handler.on_pre_optimizer_step(args, self.state, self.control)
+                    self.optimizer.step()
+                    self.control = self.callback_handler.on_optimizer_step(args, self.state, self.control)
+                    learning_rate = self._get_learning_rate()
+                    if not self.accelerator.optimizer_step_was_skipped and not isinstance(
+                        self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
+                    ):
+                        self.lr_scheduler.step()
+                    model.zero_grad()
+                    self.state.global_step += 1
+                    self.state.epoch = epoch + (step + 1) / steps_in_epoch
+                    self.control = self.callback_handler.on_step_end(args, self.state, self.control)
+                    self._maybe_log_save_evaluate(
+                        self._tr_loss, grad_norm, model, trial, epoch, ignore_keys, start_time, learning_rate
+                    )
+                else:
+                    self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
+                stop = self.control.should_training_stop or self.control.should_epoch_stop
+                if stop:
+                    break
+            if stop or self.state.global_step >= plan.max_steps:
+                break
+        run.attributes["_rf_last_step"] = (grad_norm, learning_rate)
+        stop = stop or self.state.global_step >= plan.max_steps
+        if stop or end == plan.steps_per_epoch:
+            self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
+            self._maybe_log_save_evaluate(
+                self._tr_loss, grad_norm, model, trial, epoch, ignore_keys, start_time, learning_rate
+            )
+        return self.control.should_training_stop or self.state.global_step >= plan.max_steps
+
+    def _batches(self, run: Run, order: tuple[int, ...], batch_indices: range) -> Iterator[dict[str, Any]]:
+        """Collated micro-batches, built lazily so `get_batch_samples` draws them like it draws from a dataloader."""
+        dataset = self._rf_columns[run.data_key]
+        for index in batch_indices:
+            rows = dataset[run.plan.batch_rows(order, index)]
+            yield self.data_collator([dict(zip(rows, values)) for values in zip(*rows.values())])
+
+    def _data_seed(self) -> int:
+        shared = self._rf_shared_args
+        return shared.data_seed if shared.data_seed is not None else shared.seed
+
+    def _shuffle(self) -> bool:
+        return self._rf_shared_args.train_sampling_strategy != "sequential"
+
+    def _evaluated_at_current_step(self) -> bool:
+        last = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), None)
+        return last is not None and last["step"] == self.state.global_step
+
+    # --------------------------------------------------------------------------------------- run endings
+    def _finish(self, run: Run, start_time: float) -> None:
+        """Close a run as `Trainer._finalize_training` closes training, then save its adapter and `run.json`."""
+        self._total_loss_scalar += self._tr_loss.item()
+        self._tr_loss -= self._tr_loss
+        steps = self.state.global_step
+        metrics = speed_metrics(
+            "train",
+            start_time,
+            num_samples=run.plan.num_rows * steps / run.plan.steps_per_epoch,
+            num_steps=steps,
+        )
+        self.store_flos()
+        metrics["total_flos"] = self.state.total_flos
+        metrics["train_loss"] = self._total_loss_scalar / max(steps, 0.001)
+        self.log(metrics)
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        run.attributes["_rf_train_metrics"] = metrics
+        run.status = "completed"
+        run_dir = Path(run.args.output_dir)
+        if isinstance(self.model, PeftModel):
+            if self.args.should_save:
+                save_adapter(self.model, run.name, run_dir)
+        else:
+            self.save_model(str(run_dir))
+        self._status_event(run)
+
+    def _fail(self, run: Run, reason: str) -> None:
+        self.model_wrapped.zero_grad()
+        run.status, run.error = "failed", reason
+        run.rng = capture_rng()
+        self._status_event(run, error=reason)
+
+    def _status_event(self, run: Run, **extra: Any) -> None:
+        self._rf_ledger.write(run.name, run.global_step, run.current_chunk, "status", status=run.status, **extra)
+        if self.args.should_save:
+            write_run_json(run, run.args.output_dir)
+
+    def _train_output(self) -> TrainOutput:
+        runs = list(self.coordinator)
+        if len(runs) == 1:
+            metrics = runs[0].attributes.get("_rf_train_metrics", {})
+            return TrainOutput(runs[0].global_step, metrics.get("train_loss", math.nan), metrics)
+        losses = {run.name: run.attributes.get("_rf_train_metrics", {}).get("train_loss") for run in runs}
+        finished = [loss for loss in losses.values() if loss is not None]
+        metrics = {f"{name}/train_loss": loss for name, loss in losses.items() if loss is not None}
+        mean = sum(finished) / len(finished) if finished else math.nan
+        return TrainOutput(sum(run.global_step for run in runs), mean, metrics)
+
+    # ------------------------------------------------------------------------------------------ saving
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Save only the current run's adapter, in PEFT's format, directly in `output_dir` (checkpoints included)."""
+        if not isinstance(self.model, PeftModel) or self._rf_active is None:
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        save_adapter(self.model, self._rf_active.name, output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, Path(output_dir) / "training_args.bin")
+        return None

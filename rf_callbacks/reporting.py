@@ -1,0 +1,96 @@
+"""Reporting: the append-only ledger, each run's `run.json`, and the callback that feeds them.
+
+`<output_dir>/ledger.jsonl` gets one JSON object per line for every log event and every status change, written as
+it happens (so the file shows the real order in which runs trained) and flushed at once (so it survives a crash).
+Every line has `time`, `run`, `step`, `chunk` and `event`; log lines carry the logged values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import TrainerCallback
+
+if TYPE_CHECKING:
+    from .run import Run
+
+
+class Ledger:
+    """Append-only JSONL file, safe to write from several threads.
+
+    Args:
+        path (`str` or `os.PathLike`): The file; created with its folder if missing, appended to if present.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the experiment
+
+    def write(self, run: str | None, step: int, chunk: int | None, event: str, **values: Any) -> None:
+        record = {"time": round(time.time(), 6), "run": run, "step": step, "chunk": chunk, "event": event, **values}
+        line = json.dumps(record, default=str)
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def sync(self) -> None:
+        with self._lock:
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._file.closed:
+                self._file.close()
+
+
+def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every well-formed record of a ledger, in order (a line cut short by a crash is skipped)."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_run_json(run: Run, directory: str | os.PathLike) -> None:
+    write_json_atomic(Path(directory) / "run.json", run.result())
+
+
+class LedgerCallback(TrainerCallback):
+    """Writes every `Trainer.log` call of the active run to the ledger.
+
+    Args:
+        ledger ([`Ledger`]): Where to write.
+        active_run (`Callable[[], Run | None]`): Returns the run whose logs these are.
+    """
+
+    def __init__(self, ledger: Ledger, active_run):
+        self.ledger = ledger
+        self.active_run = active_run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        run = self.active_run()
+        if run is None or not logs:
+            return
+        self.ledger.write(run.name, state.global_step, run.current_chunk, "log", epoch_index=run.current_epoch, **logs)

@@ -1,0 +1,119 @@
+"""A run: one config being trained, with its status, its place in the data and its parked trainer state.
+
+While a run trains, its state lives in the trainer's own attributes (`args`, `state`, `optimizer`, ...), so TRL's
+training step, loss, logging and callbacks work unchanged. At a boundary those attributes are copied into
+`Run.attributes` and the next run's are copied in: a swap is a handful of pointer assignments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chunks import DataPlan
+from .configs import RunSpec
+
+STATUSES = ("pending", "running", "stopped", "completed", "failed", "deleted")
+ACTIVE_STATUSES = ("pending", "running")
+
+
+@dataclass
+class Run:
+    """One run of the experiment.
+
+    Args:
+        spec ([`RunSpec`]): What the run was asked to do.
+        plan ([`DataPlan`]): How it walks through the data.
+        data_key (`tuple`): Which prepared data set it trains on (runs with equal data settings share one).
+    """
+
+    spec: RunSpec
+    plan: DataPlan
+    data_key: tuple
+    status: str = "pending"
+    next_slice: int = 0
+    slices_done: int = 0
+    wall_time: float = 0.0
+    error: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] | None = None
+    pinned: dict = field(default_factory=dict)
+    offloaded: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def args(self):
+        return self.spec.args
+
+    @property
+    def state(self):
+        """The run's `TrainerState` (global step, log history), or `None` before its first slice."""
+        return self.attributes.get("state")
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step if self.state is not None else 0
+
+    @property
+    def current_chunk(self) -> int:
+        return self.next_slice % self.plan.num_chunks
+
+    @property
+    def current_epoch(self) -> int:
+        return self.next_slice // self.plan.num_chunks
+
+    def last_logged(self, key: str) -> float | None:
+        if self.state is None:
+            return None
+        return next((entry[key] for entry in reversed(self.state.log_history) if key in entry), None)
+
+    def result(self) -> dict[str, Any]:
+        """One row of `trainer.results()`."""
+        metrics = {}
+        for key in ("eval_mean_token_accuracy", "mean_token_accuracy"):
+            value = self.last_logged(key)
+            if value is not None:
+                metrics[key] = value
+        return {
+            "name": self.name,
+            "status": self.status,
+            "global_step": self.global_step,
+            "max_steps": self.plan.max_steps,
+            "train_loss": self.last_logged("loss"),
+            "eval_loss": self.last_logged("eval_loss"),
+            "chunks_done": self.slices_done,
+            "parent": self.spec.parent,
+            "wall_time": round(self.wall_time, 3),
+            "error": self.error,
+            "config": describe_config(self.spec),
+            **metrics,
+        }
+
+
+def describe_config(spec: RunSpec) -> dict[str, Any]:
+    """JSON-friendly view of a run's config: the PEFT fields that usually differ, plus the user's overrides."""
+    described: dict[str, Any] = {}
+    config = spec.peft_config
+    if config is not None:
+        described["peft_type"] = str(
+            config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type
+        )
+        for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora"):
+            value = getattr(config, key, None)
+            if value is not None:
+                described[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
+    described.update({key: _jsonable(value) for key, value in spec.overrides.items()})
+    return described
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    return str(value)
