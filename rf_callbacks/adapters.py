@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,13 +26,19 @@ def attach_adapters(model: PreTrainedModel, specs: Sequence[RunSpec]) -> PeftMod
     peft_model: PeftModel | None = None
     for spec in specs:
         set_seed(spec.args.seed)
-        try:
-            if peft_model is None:
-                peft_model = get_peft_model(model, spec.peft_config, adapter_name=spec.name)
-            else:
-                peft_model.add_adapter(spec.name, spec.peft_config)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"run {spec.name!r}: its peft_config cannot be applied to this model: {error}") from error
+        with warnings.catch_warnings():
+            # Short run names ("a", "lo") are substrings of the "lora_" prefix; PEFT warns about reloading such
+            # names, which does not apply here: saved adapters load back under PEFT's default name.
+            warnings.filterwarnings("ignore", message="Adapter name .* should not be contained in the prefix")
+            try:
+                if peft_model is None:
+                    peft_model = get_peft_model(model, spec.peft_config, adapter_name=spec.name)
+                else:
+                    peft_model.add_adapter(spec.name, spec.peft_config)
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"run {spec.name!r}: its peft_config cannot be applied to this model: {error}"
+                ) from error
     if peft_model is None:
         raise ValueError("attach_adapters needs at least one spec with a peft_config")
     return peft_model

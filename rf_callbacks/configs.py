@@ -100,6 +100,33 @@ class RunSpec:
     args: TrainingArguments
     parent: str | None = None
 
+    def __post_init__(self):
+        # Taken now: PEFT rewrites its config in place when the adapter is built ("all-linear" -> module names).
+        self.summary = describe_config(self.peft_config, self.overrides)
+
+
+def describe_config(peft_config: PeftConfig | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """JSON-friendly view of a run's config: the PEFT fields that usually differ, plus the user's overrides."""
+    described: dict[str, Any] = {}
+    if peft_config is not None:
+        described["peft_type"] = str(getattr(peft_config.peft_type, "value", peft_config.peft_type))
+        for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora"):
+            value = getattr(peft_config, key, None)
+            if value is not None:
+                described[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
+    described.update({key: _jsonable(value) for key, value in overrides.items()})
+    return described
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    return str(value)
+
 
 def _suggest(key: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
@@ -140,9 +167,9 @@ def _check_value(where: str, key: str, value: Any) -> None:
         raise bad("it must be a finite number")
     if key == "learning_rate" and value < 0:
         raise bad("the learning rate must be >= 0")
-    if key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if value < 1:
-            raise bad("it must be >= 1")
+    counts = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps")
+    if key in counts and value < 1:
+        raise bad("it must be >= 1")
     if key in ("weight_decay", "max_grad_norm", "adam_epsilon", "num_train_epochs") and value < 0:
         raise bad("it must be >= 0")
     if key in ("adam_beta1", "adam_beta2") and not 0 <= value < 1:
@@ -220,9 +247,9 @@ def parse_configs(
             )
         if run_peft is None and len(configs) > 1:
             raise ValueError(
-                f"{where} has no peft_config and the trainer has none: several configs need one adapter each on the "
-                "shared base model (full fine-tuning would need a copy of the model per run). Pass peft_config= to the "
-                "trainer or a 'peft_config' in every config."
+                f"{where} has no peft_config and the trainer has none: several configs need one adapter each on "
+                "the shared base model (full fine-tuning would need a copy of the model per run). Pass peft_config= "
+                "to the trainer or a 'peft_config' in every config."
             )
 
         overrides = {key: value for key, value in config.items() if key not in _RESERVED_KEYS}

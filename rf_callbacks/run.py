@@ -88,32 +88,6 @@ class Run:
             "parent": self.spec.parent,
             "wall_time": round(self.wall_time, 3),
             "error": self.error,
-            "config": describe_config(self.spec),
+            "config": self.spec.summary,
             **metrics,
         }
-
-
-def describe_config(spec: RunSpec) -> dict[str, Any]:
-    """JSON-friendly view of a run's config: the PEFT fields that usually differ, plus the user's overrides."""
-    described: dict[str, Any] = {}
-    config = spec.peft_config
-    if config is not None:
-        described["peft_type"] = str(
-            config.peft_type.value if hasattr(config.peft_type, "value") else config.peft_type
-        )
-        for key in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora"):
-            value = getattr(config, key, None)
-            if value is not None:
-                described[key] = sorted(value) if isinstance(value, (set, frozenset)) else value
-    described.update({key: _jsonable(value) for key, value in spec.overrides.items()})
-    return described
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    return str(value)

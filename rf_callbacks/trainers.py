@@ -118,7 +118,8 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         eval_dataset=val,
         processing_class=tokenizer,
         configs=[
-            {"name": "r8-hi", "peft_config": LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), "learning_rate": 1e-3},
+            {"name": "r8-hi", "peft_config": LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+             "learning_rate": 1e-3},
             {"peft_config": LoraConfig(r=32, target_modules="all-linear"), "per_device_train_batch_size": 2},
         ],
         num_chunks=8,

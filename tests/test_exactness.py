@@ -39,7 +39,11 @@ def test_one_config_equals_plain_sft_trainer(make_model, tokenizer, chat_data, s
     plain_args = sft_args(output_dir=str(tmp_path / "plain"), max_steps=30, train_sampling_strategy=sampling)
     set_seed(plain_args.seed)
     plain = SFTTrainer(
-        model=make_model(), args=plain_args, train_dataset=train, processing_class=tokenizer, peft_config=copy.deepcopy(lora)
+        model=make_model(),
+        args=plain_args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=copy.deepcopy(lora),
     )
     plain.train()
 
