@@ -32,9 +32,9 @@ def attach_adapters(model: PreTrainedModel, specs: Sequence[RunSpec]) -> PeftMod
             warnings.filterwarnings("ignore", message="Adapter name .* should not be contained in the prefix")
             try:
                 if peft_model is None:
-                    peft_model = get_peft_model(model, spec.peft_config, adapter_name=spec.name)
+                    peft_model = get_peft_model(model, spec.peft_config, adapter_name=spec.adapter_name)
                 else:
-                    peft_model.add_adapter(spec.name, spec.peft_config)
+                    peft_model.add_adapter(spec.adapter_name, spec.peft_config)
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(
                     f"run {spec.name!r}: its peft_config cannot be applied to this model: {error}"

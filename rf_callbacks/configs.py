@@ -73,7 +73,7 @@ PROCESS_WIDE_REASONS = {
     "auto_find_batch_size": "it retries the whole process with a new batch size",
 }
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-=+]{0,63}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-=+]{0,63}$")
 _RESERVED_KEYS = {"name", "peft_config"}
 
 
@@ -99,6 +99,11 @@ class RunSpec:
     overrides: dict[str, Any]
     args: TrainingArguments
     parent: str | None = None
+
+    @property
+    def adapter_name(self) -> str:
+        """The PEFT adapter's name: the run name with '.' replaced (PyTorch module names cannot hold dots)."""
+        return self.name.replace(".", "_")
 
     def __post_init__(self):
         # Taken now: PEFT rewrites its config in place when the adapter is built ("all-linear" -> module names).
@@ -187,7 +192,7 @@ def _check_value(where: str, key: str, value: Any) -> None:
 def _validate_name(where: str, name: Any) -> str:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(
-            f"{where}: name={name!r} is invalid; use 1-64 characters from letters, digits, '_', '-', '=', '+', "
+            f"{where}: name={name!r} is invalid; use 1-64 characters from letters, digits, '_', '.', '-', '=', '+', "
             "starting with a letter or digit (it names the adapter and the run's folder)"
         )
     return name
@@ -238,6 +243,9 @@ def parse_configs(
         where = f"configs[{index}] ({name!r})"
         if name in names:
             raise ValueError(f"{where}: duplicate run name {name!r} (also configs[{names[name]}])")
+        clash = next((other for other in names if other.replace(".", "_") == name.replace(".", "_")), None)
+        if clash is not None:
+            raise ValueError(f"{where}: run names {clash!r} and {name!r} differ only by '.' vs '_'; rename one")
         names[name] = index
 
         run_peft = config.get("peft_config", peft_config)

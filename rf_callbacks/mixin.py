@@ -151,7 +151,7 @@ class MultiConfigMixin:
         if self._rf_active is not None:
             self._park(self._rf_active)
         if isinstance(self.model, PeftModel):
-            self.model.set_adapter(run.name)
+            self.model.set_adapter(run.spec.adapter_name)
         if not run.attributes:
             self._init_run_state(run)
         for name in self.run_attributes:
@@ -401,7 +401,7 @@ class MultiConfigMixin:
         run_dir = Path(run.args.output_dir)
         if isinstance(self.model, PeftModel):
             if self.args.should_save:
-                save_adapter(self.model, run.name, run_dir)
+                save_adapter(self.model, run.spec.adapter_name, run_dir)
         else:
             self.save_model(str(run_dir))
         self._status_event(run)
@@ -436,7 +436,7 @@ class MultiConfigMixin:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return None
-        save_adapter(self.model, self._rf_active.name, output_dir)
+        save_adapter(self.model, self._rf_active.spec.adapter_name, output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, Path(output_dir) / "training_args.bin")

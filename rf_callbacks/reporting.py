@@ -94,3 +94,41 @@ class LedgerCallback(TrainerCallback):
         if run is None or not logs:
             return
         self.ledger.write(run.name, state.global_step, run.current_chunk, "log", epoch_index=run.current_epoch, **logs)
+
+
+_HIDDEN_CONFIG_KEYS = ("peft_type", "use_dora", "use_rslora")
+
+
+def format_leaderboard(results: list[dict[str, Any]], metric: str = "eval_loss") -> str:
+    """A plain-text table of `results()` rows, best `metric` first (lower is better; missing values last)."""
+
+    def key(row):
+        value = row.get(metric)
+        return (value is None, value if value is not None else 0.0, row["name"])
+
+    columns = ["rank", "run", "status", "step", "train_loss", metric, "chunks", "time_s", "config"]
+    lines = []
+    for rank, row in enumerate(sorted(results, key=key), start=1):
+        config = ", ".join(
+            f"{k}={v}" for k, v in row["config"].items() if k not in ("peft_type", "use_dora", "use_rslora")
+        )
+        lines.append(
+            [
+                str(rank),
+                row["name"],
+                row["status"],
+                f"{row['global_step']}/{row['max_steps']}",
+                _fmt(row.get("train_loss")),
+                _fmt(row.get(metric)),
+                str(row["chunks_done"]),
+                f"{row['wall_time']:.1f}",
+                config,
+            ]
+        )
+    widths = [max(len(column), *(len(line[i]) for line in lines)) for i, column in enumerate(columns)]
+    render = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([render(columns), render(["-" * width for width in widths]), *map(render, lines)])
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -39,12 +39,12 @@ def build(make_model, tokenizer, chat_data, sft_args):
         ([{"name": "a/b", "peft_config": lora()}], "name='a/b' is invalid"),
         (
             [{"peft_config": lora(), "learing_rate": 1e-3}],
-            "unknown field 'learing_rate'; did you mean 'learning_rate'?",
+            "did you mean 'learning_rate'?",
         ),
         ([{"peft_config": lora(), "bf16": True}], "bf16=True cannot differ per run"),
         (
             [{"peft_config": lora(), "gradient_checkpointing": True}],
-            "gradient_checkpointing=True cannot differ per run",
+            "cannot differ per run",
         ),
         ([{"peft_config": lora(), "learning_rate": -1e-3}], "learning_rate=-0.001 is invalid"),
         ([{"peft_config": lora(), "learning_rate": "1e-3"}], "learning_rate must be a number, got '1e-3' (str)"),
