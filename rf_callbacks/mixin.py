@@ -376,7 +376,13 @@ class MultiConfigMixin:
         return self._rf_shared_args.train_sampling_strategy != "sequential"
 
     def _evaluated_at_current_step(self) -> bool:
-        last = next((entry for entry in reversed(self.state.log_history) if "eval_loss" in entry), None)
+        """Whether an evaluation (of any eval set: `eval_runtime`, `eval_<name>_runtime`) was logged at this step."""
+        evals = (
+            e
+            for e in reversed(self.state.log_history)
+            if any(k.startswith("eval_") and k.endswith("_runtime") for k in e)
+        )
+        last = next(evals, None)
         return last is not None and last["step"] == self.state.global_step
 
     # --------------------------------------------------------------------------------------- run endings
