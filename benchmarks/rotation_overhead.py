@@ -18,12 +18,12 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -154,6 +154,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--steps", type=int, default=58, help="optimizer steps per config")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="alternating plain/rotation pairs; medians reported")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,12 +174,16 @@ def main() -> None:
         run_plain(args.model_dir, tokenizer, train, work, 2, args.batch, 1)
         run_rotation(args.model_dir, tokenizer, train, work, args.chunks, args.batch, 1, args.chunks)
 
-        plain_s = run_plain(args.model_dir, tokenizer, train, work, args.steps, args.batch, args.configs)
         timer = SwapTimer()
         timer.install()
-        rotation_s, trainer = run_rotation(
-            args.model_dir, tokenizer, train, work, args.steps, args.batch, args.configs, args.chunks
-        )
+        plain_times, rotation_times = [], []
+        for _ in range(args.repeats):
+            plain_times.append(run_plain(args.model_dir, tokenizer, train, work, args.steps, args.batch, args.configs))
+            rotation_s, trainer = run_rotation(
+                args.model_dir, tokenizer, train, work, args.steps, args.batch, args.configs, args.chunks
+            )
+            rotation_times.append(rotation_s)
+        plain_s, rotation_s = statistics.median(plain_times), statistics.median(rotation_times)
         rss_1 = measure_rss(args, 1)
         rss_8 = measure_rss(args, 8)
 
@@ -194,6 +199,8 @@ def main() -> None:
         "batch_size": args.batch,
         "plain_sequential_s": round(plain_s, 2),
         "rotation_s": round(rotation_s, 2),
+        "plain_runs_s": [round(t, 2) for t in plain_times],
+        "rotation_runs_s": [round(t, 2) for t in rotation_times],
         "wall_ratio": round(rotation_s / plain_s, 3),
         "swaps": len(timer.swaps),
         "swap_ms": round(swap_ms, 3),
@@ -206,8 +213,8 @@ def main() -> None:
         "all_completed": all(row["status"] == "completed" for row in trainer.results()),
     }
     rows = [
-        ("plain SFTTrainer, configs one after another", f"{plain_s:.2f} s"),
-        (f"RFSFTTrainer, {args.configs} configs x {args.chunks} chunks", f"{rotation_s:.2f} s"),
+        ("plain SFTTrainer, configs one after another (median)", f"{plain_s:.2f} s"),
+        (f"RFSFTTrainer, {args.configs} configs x {args.chunks} chunks (median)", f"{rotation_s:.2f} s"),
         ("wall ratio (target <= 0.9)", f"{result['wall_ratio']:.3f}"),
         (f"swap per boundary ({len(timer.swaps)} swaps)", f"{swap_ms:.2f} ms"),
         ("training time per (run, chunk) slice", f"{slice_ms:.1f} ms"),

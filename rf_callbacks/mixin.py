@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ import torch
 from accelerate.utils import DistributedType
 from peft import PeftModel
 from transformers import ProgressCallback, TrainerControl, TrainerState
+from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import TrainOutput, speed_metrics
 
@@ -42,7 +45,8 @@ from .parking import (
     should_offload,
 )
 from .progress import RunsProgressCallback
-from .reporting import Ledger, LedgerCallback, write_json_atomic, write_run_json
+from .reporters import MlflowReporter, Reporter
+from .reporting import Ledger, LogEventsCallback, write_json_atomic, write_run_json
 from .run import Run
 
 logger = logging.getLogger(__name__)
@@ -116,8 +120,30 @@ class MultiConfigMixin:
         self._rf_progress = RunsProgressCallback(self.coordinator, lambda: self._rf_active)
         self.add_callback(self._rf_progress)
         self._rf_ledger: Ledger | None = None
-        self._rf_ledger_callback = LedgerCallback(None, lambda: self._rf_active)
-        self.add_callback(self._rf_ledger_callback)
+        self._rf_reporters: list[Reporter] = []
+        self.add_callback(LogEventsCallback(self._on_log))
+        self._rf_report_to = self._claim_reporting(len(runs))
+
+    def _claim_reporting(self, num_runs: int) -> list[str]:
+        """Take over the `report_to` backends rf-callbacks drives per run; disable the rest when runs would mix."""
+        names = [name for name in (self.args.report_to or []) if name != "none"]
+        if names == ["all"]:
+            names = get_available_reporting_integrations()
+        claimed = [name for name in names if name in ("mlflow",)]
+        for name in names:
+            integration = INTEGRATION_TO_CALLBACK.get(name)
+            if integration is None:
+                continue
+            if name in claimed:
+                self.callback_handler.remove_callback(integration)
+            elif num_runs > 1:
+                warnings.warn(
+                    f"report_to={name!r}: {integration.__name__} assumes one run per process and would mix all runs "
+                    "into one tracking run; it is disabled. Every run's metrics are in <output_dir>/ledger.jsonl.",
+                    stacklevel=3,
+                )
+                self.callback_handler.remove_callback(integration)
+        return claimed
 
     def _data_key(self, args) -> tuple:
         """Settings that change a run's prepared data; runs with equal keys share one tokenized data set."""
@@ -228,7 +254,12 @@ class MultiConfigMixin:
     def _open_experiment(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if self._rf_ledger is None:
-            self._rf_ledger = self._rf_ledger_callback.ledger = Ledger(self.output_dir / "ledger.jsonl")
+            path = self.output_dir / "ledger.jsonl"
+            if path.exists():  # a previous experiment's ledger: keep it, under its own name
+                path.rename(path.with_name(f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+            self._rf_ledger = Ledger(path)
+            if "mlflow" in self._rf_report_to:
+                self._rf_reporters.append(MlflowReporter.from_env(self.output_dir, self._rf_shared_args.run_name))
         write_json_atomic(self.output_dir / "experiment.json", self._experiment_info())
 
     def _experiment_info(self) -> dict[str, Any]:
@@ -418,8 +449,22 @@ class MultiConfigMixin:
         run.rng = capture_rng()
         self._status_event(run, error=reason)
 
+    def _on_log(self, logs: dict[str, Any]) -> None:
+        run = self._rf_active
+        if run is None or self._rf_ledger is None:
+            return
+        step, chunk = self.state.global_step, run.current_chunk
+        self._rf_ledger.write(run.name, step, chunk, "log", epoch_index=run.current_epoch, **logs)
+        for reporter in self._rf_reporters:
+            reporter.log(run, step, chunk, logs)
+
     def _status_event(self, run: Run, **extra: Any) -> None:
         self._rf_ledger.write(run.name, run.global_step, run.current_chunk, "status", status=run.status, **extra)
+        for reporter in self._rf_reporters:
+            if run.status == "running":
+                reporter.start(run)
+            elif run.status in ("completed", "failed", "stopped", "deleted"):
+                reporter.finish(run)
         if self.args.should_save:
             write_run_json(run, run.args.output_dir)
 

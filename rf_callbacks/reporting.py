@@ -77,23 +77,15 @@ def write_run_json(run: Run, directory: str | os.PathLike) -> None:
     write_json_atomic(Path(directory) / "run.json", run.result())
 
 
-class LedgerCallback(TrainerCallback):
-    """Writes every `Trainer.log` call of the active run to the ledger.
+class LogEventsCallback(TrainerCallback):
+    """Hands every `Trainer.log` call to `on_log` (the trainer knows which run and chunk it belongs to)."""
 
-    Args:
-        ledger ([`Ledger`]): Where to write.
-        active_run (`Callable[[], Run | None]`): Returns the run whose logs these are.
-    """
-
-    def __init__(self, ledger: Ledger, active_run):
-        self.ledger = ledger
-        self.active_run = active_run
+    def __init__(self, on_log):
+        self.on_log_event = on_log
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        run = self.active_run()
-        if run is None or not logs:
-            return
-        self.ledger.write(run.name, state.global_step, run.current_chunk, "log", epoch_index=run.current_epoch, **logs)
+        if logs:
+            self.on_log_event(logs)
 
 
 _HIDDEN_CONFIG_KEYS = ("peft_type", "use_dora", "use_rslora")

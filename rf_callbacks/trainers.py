@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 from datasets import Dataset, IterableDataset
 from peft import PeftConfig
 from transformers import PreTrainedModel, TrainingArguments
-from transformers.integrations import get_reporting_integration_callbacks
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 from trl.trainer.utils import create_model_from_path
@@ -192,14 +190,6 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        if len(specs) > 1:
-            for integration in get_reporting_integration_callbacks(args.report_to):
-                warnings.warn(
-                    f"report_to={args.report_to!r}: {integration.__name__} assumes one run per process and would mix "
-                    "all runs into one; it is disabled. Every run's metrics are in <output_dir>/ledger.jsonl.",
-                    stacklevel=2,
-                )
-                self.callback_handler.remove_callback(integration)
         self._build_runs(specs, num_chunks, offload_optimizer)
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
