@@ -74,15 +74,15 @@ RUN_ATTRIBUTES = (
 class MultiConfigMixin:
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
-    Subclasses put it before a TRL trainer in the bases, call `_setup_runs` before `super().__init__()` has
-    prepared anything heavy, and `_build_runs` after it, and may extend `run_attributes` with the trainer's own
-    per-run attributes (e.g. its metric buffers).
+    Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
+    `super().__init__()`, call `_build_runs` after it, and extend `run_attributes` with the trainer's own per-run
+    attributes (e.g. its metric buffers).
     """
 
     run_attributes: tuple[str, ...] = RUN_ATTRIBUTES
 
     # ----------------------------------------------------------------------------------------------- building
-    def _build_runs(self, specs: list[RunSpec], num_chunks: int, offload: bool | None) -> None:
+    def _build_runs(self, specs: list[RunSpec], num_chunks: int, offload: bool | str) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists."""
         self._rf_shared_args = self.args
         self._rf_offload = offload
@@ -113,7 +113,7 @@ class MultiConfigMixin:
                 )
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)
-        self.output_dir = Path(self._rf_shared_args.output_dir)
+        self._rf_output_dir = Path(self._rf_shared_args.output_dir)
 
         # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
         self.callback_handler.remove_callback(ProgressCallback)
@@ -252,15 +252,15 @@ class MultiConfigMixin:
         return self._train_output()
 
     def _open_experiment(self) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._rf_output_dir.mkdir(parents=True, exist_ok=True)
         if self._rf_ledger is None:
-            path = self.output_dir / "ledger.jsonl"
+            path = self._rf_output_dir / "ledger.jsonl"
             if path.exists():  # a previous experiment's ledger: keep it, under its own name
                 path.rename(path.with_name(f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
             self._rf_ledger = Ledger(path)
             if "mlflow" in self._rf_report_to:
-                self._rf_reporters.append(MlflowReporter.from_env(self.output_dir, self._rf_shared_args.run_name))
-        write_json_atomic(self.output_dir / "experiment.json", self._experiment_info())
+                self._rf_reporters.append(MlflowReporter.from_env(self._rf_output_dir, self._rf_shared_args.run_name))
+        write_json_atomic(self._rf_output_dir / "experiment.json", self._experiment_info())
 
     def _experiment_info(self) -> dict[str, Any]:
         import peft
@@ -326,7 +326,7 @@ class MultiConfigMixin:
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             # Plain Trainer's dataloader draws its workers' base seed from the global generator as an epoch starts.
             torch.empty((), dtype=torch.int64).random_()
-        grad_norm, learning_rate = run.attributes.get("_rf_last_step", (None, None))
+        grad_norm, learning_rate = run.last_step
         stop = False
         for step_in_epoch in range(first, end):
             batch_indices = plan.step_batches(step_in_epoch)
@@ -383,7 +383,7 @@ class MultiConfigMixin:
                     break
             if stop or self.state.global_step >= plan.max_steps:
                 break
-        run.attributes["_rf_last_step"] = (grad_norm, learning_rate)
+        run.last_step = (grad_norm, learning_rate)
         stop = stop or self.state.global_step >= plan.max_steps
         if stop or end == plan.steps_per_epoch:
             self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
@@ -433,7 +433,7 @@ class MultiConfigMixin:
         metrics["train_loss"] = self._total_loss_scalar / max(steps, 0.001)
         self.log(metrics)
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
-        run.attributes["_rf_train_metrics"] = metrics
+        run.train_metrics = metrics
         run.status = "completed"
         run_dir = Path(run.args.output_dir)
         if isinstance(self.model, PeftModel):
@@ -471,9 +471,9 @@ class MultiConfigMixin:
     def _train_output(self) -> TrainOutput:
         runs = list(self.coordinator)
         if len(runs) == 1:
-            metrics = runs[0].attributes.get("_rf_train_metrics", {})
+            metrics = runs[0].train_metrics or {}
             return TrainOutput(runs[0].global_step, metrics.get("train_loss", math.nan), metrics)
-        losses = {run.name: run.attributes.get("_rf_train_metrics", {}).get("train_loss") for run in runs}
+        losses = {run.name: (run.train_metrics or {}).get("train_loss") for run in runs}
         finished = [loss for loss in losses.values() if loss is not None]
         metrics = {f"{name}/train_loss": loss for name, loss in losses.items() if loss is not None}
         mean = sum(finished) / len(finished) if finished else math.nan

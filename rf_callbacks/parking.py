@@ -68,14 +68,15 @@ def reload_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> 
                 state[key] = value.to(device, non_blocking=True)
 
 
-def should_offload(setting: bool | None, optimizer_bytes: int) -> bool:
-    """`None` means auto: offload when keeping every parked optimizer on the GPU would leave under 10% free."""
+def should_offload(setting: bool | str, optimizer_bytes: int) -> bool:
+    """`True`: park in pinned host memory; `False`: keep on the device; `"auto"`: keep it on the device while that
+    leaves at least 10% of the GPU free (`torch.cuda.mem_get_info`). Always `False` on CPU-only torch."""
     if not can_pin_memory():
         return False
-    if setting is not None:
-        return setting
-    free, total = torch.cuda.mem_get_info()
-    return free - optimizer_bytes < 0.1 * total
+    if setting == "auto":
+        free, total = torch.cuda.mem_get_info()
+        return free - optimizer_bytes < 0.1 * total
+    return bool(setting)
 
 
 def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -39,6 +39,8 @@ class Run:
     rng: dict[str, Any] | None = None
     pinned: dict = field(default_factory=dict)
     offloaded: bool = False
+    last_step: tuple = (None, None)  # (grad_norm, learning_rate) of its last optimizer step, for epoch-end logs
+    train_metrics: dict[str, Any] | None = None  # the final `train_loss`/speed metrics, once completed
 
     @property
     def name(self) -> str:

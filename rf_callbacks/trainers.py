@@ -99,9 +99,10 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             trained from `peft_config` and `args`, exactly as `SFTTrainer` would train it.
         num_chunks (`int`, *optional*, defaults to `4`):
             Chunks per epoch. Runs rotate at chunk boundaries, where each run is also evaluated.
-        offload_optimizer (`bool`, *optional*):
-            On a CUDA machine, move a waiting run's optimizer state to pinned host memory. `None` (default) decides
-            from free GPU memory; ignored on CPU-only torch.
+        offload_optimizer (`bool` or `"auto"`, *optional*, defaults to `True`):
+            On a CUDA machine, park a waiting run's optimizer state in pinned host memory (`True`), keep it on the
+            device (`False`), or keep it on the device while at least 10% of the GPU stays free (`"auto"`). Ignored
+            on CPU-only torch, where nothing moves.
 
     Usage:
     ```python
@@ -151,7 +152,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         *,
         configs: Sequence[dict[str, Any]] | None = None,
         num_chunks: int = 4,
-        offload_optimizer: bool | None = None,
+        offload_optimizer: bool | str = True,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -163,6 +164,8 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         runs_dir = Path(args.output_dir) / "runs"
         specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
         _validate_setup(specs, args, num_chunks, optimizers)
+        if offload_optimizer not in (True, False, "auto"):
+            raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         _check_sft_dataset(train_dataset, "train_dataset", args, formatting_func)

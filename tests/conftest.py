@@ -41,25 +41,7 @@ def chat_data():
 
 @pytest.fixture
 def sft_args(tmp_path):
-    """SFTConfig factory with the CPU settings every test wants (no bf16, no checkpointing, no reporters)."""
-    from trl import SFTConfig
+    """SFTConfig factory: CPU settings, output in this test's tmp_path; keyword arguments override."""
+    from helpers import cpu_sft_config
 
-    def make(**overrides):
-        values = dict(
-            output_dir=str(tmp_path / "out"),
-            per_device_train_batch_size=4,
-            learning_rate=1e-3,
-            max_steps=12,
-            logging_steps=1,
-            bf16=False,
-            gradient_checkpointing=False,
-            report_to="none",
-            use_cpu=True,
-            disable_tqdm=True,
-            save_strategy="no",
-            seed=7,
-        )
-        values.update(overrides)
-        return SFTConfig(**values)
-
-    return make
+    return lambda **overrides: cpu_sft_config(overrides.pop("output_dir", tmp_path / "out"), **overrides)

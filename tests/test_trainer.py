@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cpu_sft_config
 from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
-from trl import SFTConfig
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
@@ -26,23 +26,8 @@ CONFIGS = [
 ]
 
 
-def cpu_args(output_dir, **overrides) -> SFTConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        max_steps=12,
-        logging_steps=2,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        seed=3,
-    )
-    values.update(overrides)
-    return SFTConfig(**values)
+def cpu_args(output_dir, **overrides):
+    return cpu_sft_config(output_dir, **{"logging_steps": 2, "seed": 3, **overrides})
 
 
 @pytest.fixture(scope="module")
