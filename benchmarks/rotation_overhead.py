@@ -69,10 +69,14 @@ def sft_args(output_dir: str, max_steps: int, batch_size: int, **overrides) -> S
     )
 
 
+PLAIN_SETUP: list[float] = []  # per config: model load + SFTTrainer construction (tokenization included)
+
+
 def run_plain(model_dir: str, tokenizer, train, work: str, steps: int, batch: int, count: int) -> float:
     started = time.perf_counter()
     for config in configs(count):
         set_seed(0)
+        setup_started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         trainer = SFTTrainer(
             model=model,
@@ -81,6 +85,7 @@ def run_plain(model_dir: str, tokenizer, train, work: str, steps: int, batch: in
             processing_class=tokenizer,
             peft_config=config["peft_config"],
         )
+        PLAIN_SETUP.append(time.perf_counter() - setup_started)
         trainer.train()
         trainer.save_model()
     return time.perf_counter() - started
@@ -177,6 +182,7 @@ def main() -> None:
         timer = SwapTimer()
         timer.install()
         plain_times, rotation_times = [], []
+        PLAIN_SETUP.clear()
         for _ in range(args.repeats):
             plain_times.append(run_plain(args.model_dir, tokenizer, train, work, args.steps, args.batch, args.configs))
             rotation_s, trainer = run_rotation(
@@ -202,6 +208,7 @@ def main() -> None:
         "plain_runs_s": [round(t, 2) for t in plain_times],
         "rotation_runs_s": [round(t, 2) for t in rotation_times],
         "wall_ratio": round(rotation_s / plain_s, 3),
+        "plain_setup_per_config_s": round(statistics.median(PLAIN_SETUP), 3),
         "swaps": len(timer.swaps),
         "swap_ms": round(swap_ms, 3),
         "slice_ms": round(slice_ms, 1),
@@ -216,6 +223,7 @@ def main() -> None:
         ("plain SFTTrainer, configs one after another (median)", f"{plain_s:.2f} s"),
         (f"RFSFTTrainer, {args.configs} configs x {args.chunks} chunks (median)", f"{rotation_s:.2f} s"),
         ("wall ratio (target <= 0.9)", f"{result['wall_ratio']:.3f}"),
+        ("plain: model load + SFTTrainer setup per config", f"{result['plain_setup_per_config_s']:.2f} s"),
         (f"swap per boundary ({len(timer.swaps)} swaps)", f"{swap_ms:.2f} ms"),
         ("training time per (run, chunk) slice", f"{slice_ms:.1f} ms"),
         ("swap as % of chunk time (target <= 1%)", f"{result['swap_pct_of_chunk']:.3f} %"),

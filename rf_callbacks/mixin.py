@@ -45,7 +45,7 @@ from .parking import (
     should_offload,
 )
 from .progress import RunsProgressCallback
-from .reporters import MlflowReporter, Reporter
+from .reporters import REPORTERS, Reporter, check_backends, make_reporters
 from .reporting import Ledger, LogEventsCallback, write_json_atomic, write_run_json
 from .run import Run
 
@@ -80,6 +80,14 @@ class MultiConfigMixin:
     """
 
     run_attributes: tuple[str, ...] = RUN_ATTRIBUTES
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # Checked before the TRL trainer's `__init__` builds transformers' integration callbacks, whose error for a
+        # missing library does not name the rf-callbacks extra that installs it.
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if training_args is not None:
+            check_backends(training_args.report_to or [])
+        super().__init__(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- building
     def _build_runs(self, specs: list[RunSpec], num_chunks: int, offload: bool | str) -> None:
@@ -129,7 +137,7 @@ class MultiConfigMixin:
         names = [name for name in (self.args.report_to or []) if name != "none"]
         if names == ["all"]:
             names = get_available_reporting_integrations()
-        claimed = [name for name in names if name in ("mlflow",)]
+        claimed = [name for name in names if name in REPORTERS]
         for name in names:
             integration = INTEGRATION_TO_CALLBACK.get(name)
             if integration is None:
@@ -180,6 +188,9 @@ class MultiConfigMixin:
             self.model.set_adapter(run.spec.adapter_name)
         if not run.attributes:
             self._init_run_state(run)
+            run.trainable = [param for param in self.model.parameters() if param.requires_grad]
+            others = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n and not p.requires_grad)
+            run.num_parameters = self.model.num_parameters(exclude_embeddings=True) - others
         for name in self.run_attributes:
             setattr(self, name, run.attributes[name])
         if run.offloaded:
@@ -258,8 +269,7 @@ class MultiConfigMixin:
             if path.exists():  # a previous experiment's ledger: keep it, under its own name
                 path.rename(path.with_name(f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
             self._rf_ledger = Ledger(path)
-            if "mlflow" in self._rf_report_to:
-                self._rf_reporters.append(MlflowReporter.from_env(self._rf_output_dir, self._rf_shared_args.run_name))
+            self._rf_reporters = make_reporters(self._rf_report_to, self._rf_output_dir, self._rf_shared_args.run_name)
         write_json_atomic(self._rf_output_dir / "experiment.json", self._experiment_info())
 
     def _experiment_info(self) -> dict[str, Any]:
@@ -369,7 +379,8 @@ class MultiConfigMixin:
                         self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau
                     ):
                         self.lr_scheduler.step()
-                    model.zero_grad()
+                    for param in run.trainable:  # = model.zero_grad(): nothing else has gradients
+                        param.grad = None
                     self.state.global_step += 1
                     self.state.epoch = epoch + (step + 1) / steps_in_epoch
                     self.control = self.callback_handler.on_step_end(args, self.state, self.control)
@@ -478,6 +489,21 @@ class MultiConfigMixin:
         metrics = {f"{name}/train_loss": loss for name, loss in losses.items() if loss is not None}
         mean = sum(finished) / len(finished) if finished else math.nan
         return TrainOutput(sum(run.global_step for run in runs), mean, metrics)
+
+    # Per-step helpers of `Trainer` that walk every parameter of the model; with one adapter per run that walk grows
+    # with the number of runs, so they are narrowed to the active run (same values: only its parameters have grads).
+    def _clip_grad_norm(self, model):
+        run = self._rf_active
+        if run is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(run.trainable, self.args.max_grad_norm)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """`Trainer`'s estimate (6 x tokens x parameters), counting the base and the active run's adapter only."""
+        run, main_input = self._rf_active, getattr(self.model, "main_input_name", "input_ids")
+        if run is None or main_input not in inputs:
+            return super().floating_point_ops(inputs)
+        return 6 * inputs[main_input].numel() * run.num_parameters
 
     # ------------------------------------------------------------------------------------------ saving
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -41,6 +41,8 @@ class Run:
     offloaded: bool = False
     last_step: tuple = (None, None)  # (grad_norm, learning_rate) of its last optimizer step, for epoch-end logs
     train_metrics: dict[str, Any] | None = None  # the final `train_loss`/speed metrics, once completed
+    trainable: list = field(default_factory=list)  # its parameters that train (its adapter)
+    num_parameters: int = 0  # base (without embeddings) + its adapter, for FLOPs estimates
 
     @property
     def name(self) -> str:
