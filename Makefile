@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" \
 		|| $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(PY) -m pip install -q -e ".[dev,tensorboard]"
+	$(PY) -m pip install -q -e ".[dev,tensorboard,wandb]"
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,7 @@
 """rf-callbacks: train and compare many TRL fine-tuning configs at once on one resident base model.
 
-The trainers are imported on first use, so `rf_callbacks.demo`, `rf_callbacks.plotting` and the ledger helpers load
-without importing TRL (9-13 s per process).
+The trainers and `Experiment` (the RapidFire AI-compatible entry point) are imported on first use, so
+`rf_callbacks.demo`, `rf_callbacks.plotting` and the ledger helpers load without importing TRL (9-13 s per process).
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .experiment import Experiment
     from .trainers import RFSFTTrainer
 
-__all__ = ["RFSFTTrainer"]
+__all__ = ["Experiment", "RFSFTTrainer"]
 __version__ = "0.1.0"
 
 
@@ -20,4 +21,8 @@ def __getattr__(name: str):
         from .trainers import RFSFTTrainer
 
         return RFSFTTrainer
+    if name == "Experiment":
+        from .experiment import Experiment
+
+        return Experiment
     raise AttributeError(f"module 'rf_callbacks' has no attribute {name!r}")

@@ -38,6 +38,8 @@ class DataPlan:
         num_chunks (`int`): Chunks per epoch.
         max_steps (`int`): Optimizer steps in the whole run, as `Trainer` computes them.
         drop_last (`bool`): Whether the last incomplete micro-batch of an epoch is dropped.
+        start_slice (`int`): The slice the run starts at: 0, or later for a clone that continues where its parent
+            stopped (its `max_steps` then count from there).
     """
 
     num_rows: int
@@ -46,6 +48,7 @@ class DataPlan:
     num_chunks: int
     max_steps: int
     drop_last: bool = False
+    start_slice: int = 0
 
     @classmethod
     def build(
@@ -57,13 +60,14 @@ class DataPlan:
         max_steps: int,
         num_train_epochs: float,
         drop_last: bool = False,
+        start_slice: int = 0,
     ) -> DataPlan:
         """Compute the step budget the way `Trainer.set_initial_training_values` does (max_steps wins over epochs)."""
         batches = num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
         steps_per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
         if max_steps <= 0:
             max_steps = math.ceil(num_train_epochs * steps_per_epoch)
-        return cls(num_rows, batch_size, grad_accum, num_chunks, max_steps, drop_last)
+        return cls(num_rows, batch_size, grad_accum, num_chunks, max_steps, drop_last, start_slice)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -79,10 +83,20 @@ class DataPlan:
         return math.ceil(self.max_steps / self.steps_per_epoch)
 
     @property
-    def num_slices(self) -> int:
-        """Slices (epoch, chunk) this run takes part in, the last one possibly cut short by `max_steps`."""
-        epoch, step = divmod(self.max_steps - 1, self.steps_per_epoch)
+    def start_step(self) -> int:
+        """Data position (optimizer steps from the first epoch's start) of the run's first step."""
+        epoch, chunk = divmod(self.start_slice, self.num_chunks)
+        return epoch * self.steps_per_epoch + self.chunk_bounds(chunk)[0]
+
+    @property
+    def end_slice(self) -> int:
+        """One past the last slice the run trains in (the last one possibly cut short by `max_steps`)."""
+        epoch, step = divmod(self.start_step + self.max_steps - 1, self.steps_per_epoch)
         return epoch * self.num_chunks + self.chunk_of_step(step) + 1
+
+    @property
+    def num_slices(self) -> int:
+        return self.end_slice - self.start_slice
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
         """Optimizer steps `[start, end)` within an epoch that belong to `chunk`."""
@@ -92,12 +106,15 @@ class DataPlan:
     def chunk_of_step(self, step_in_epoch: int) -> int:
         return next(c for c in range(self.num_chunks) if self.chunk_bounds(c)[1] > step_in_epoch)
 
-    def slice_steps(self, slice_index: int) -> tuple[int, int, int]:
-        """`(epoch, first_step, end_step)` of a slice, in epoch-local optimizer steps, capped by `max_steps`."""
+    def slice_steps(self, slice_index: int, steps_done: int = 0) -> tuple[int, int, int]:
+        """`(epoch, first_step, end_step)` of a slice in epoch-local optimizer steps, for a run that has already
+        taken `steps_done` steps (a run stopped mid-chunk resumes where it left off), capped by `max_steps`."""
         epoch, chunk = divmod(slice_index, self.num_chunks)
         start, end = self.chunk_bounds(chunk)
-        remaining = self.max_steps - epoch * self.steps_per_epoch
-        return epoch, min(start, remaining), min(end, remaining)
+        epoch_start = epoch * self.steps_per_epoch
+        position = self.start_step + steps_done - epoch_start
+        remaining = self.start_step + self.max_steps - epoch_start
+        return epoch, min(max(start, position), remaining), min(end, remaining)
 
     def step_batches(self, step_in_epoch: int) -> range:
         """Micro-batch indices (within the epoch) that make up one optimizer step."""

@@ -7,6 +7,7 @@ checked here, before any model work starts, and every error names the config, th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -131,6 +132,22 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(key): _jsonable(item) for key, item in value.items()}
     return str(value)
+
+
+@contextlib.contextmanager
+def _keep_accelerate_state():
+    """Building `TrainingArguments` sets up devices, which resets accelerate's process-wide state; put it back so a
+    run's arguments made while a trainer exists (a clone) do not pull the state from under its `Accelerator`."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    saved = dict(AcceleratorState._shared_state), dict(PartialState._shared_state)
+    try:
+        yield
+    finally:
+        for cls, state in zip((AcceleratorState, PartialState), saved):
+            if state:
+                cls._shared_state.clear()
+                cls._shared_state.update(state)
 
 
 def _suggest(key: str, choices: Sequence[str]) -> str:
@@ -289,7 +306,8 @@ def parse_configs(
         _check_value(where, "learning_rate", overrides.get("learning_rate", args.learning_rate))
 
         try:
-            run_args = dataclasses.replace(args, **overrides, output_dir=str(run_output_dir(name)))
+            with _keep_accelerate_state():
+                run_args = dataclasses.replace(args, **overrides, output_dir=str(run_output_dir(name)))
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{where}: {error}") from error
         user_overrides = {key: value for key, value in config.items() if key not in _RESERVED_KEYS}

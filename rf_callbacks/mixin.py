@@ -34,7 +34,9 @@ from transformers.trainer_utils import TrainOutput, speed_metrics
 from .adapters import save_adapter
 from .chunks import DataPlan, epoch_order
 from .configs import RunSpec
+from .control.server import ControlServer
 from .coordinator import Coordinator
+from .interactive import InteractiveMixin
 from .parking import (
     capture_rng,
     offload_optimizer,
@@ -71,7 +73,7 @@ RUN_ATTRIBUTES = (
 )
 
 
-class MultiConfigMixin:
+class MultiConfigMixin(InteractiveMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
     Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
@@ -90,29 +92,24 @@ class MultiConfigMixin:
         super().__init__(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- building
-    def _build_runs(self, specs: list[RunSpec], num_chunks: int, offload: bool | str) -> None:
+    def _build_runs(
+        self, specs: list[RunSpec], num_chunks: int, offload: bool | str, control_socket: bool = True
+    ) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists."""
+        self._rf_control_socket = control_socket
         self._rf_shared_args = self.args
         self._rf_offload = offload
         self._rf_active: Run | None = None
         self._rf_datasets: dict[tuple, tuple[Any, Any]] = {}
         self._rf_columns: dict[tuple, Any] = {}  # train sets as the dataloader would see them (unused columns gone)
+        self._rf_num_chunks = num_chunks
         runs = []
         for spec in specs:
             key = self._data_key(spec.args)
             if key not in self._rf_datasets:
                 self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
                 self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
-            train_dataset = self._rf_datasets[key][0]
-            plan = DataPlan.build(
-                num_rows=len(train_dataset),
-                batch_size=spec.args.per_device_train_batch_size * max(1, spec.args.n_gpu),
-                grad_accum=spec.args.gradient_accumulation_steps,
-                num_chunks=num_chunks,
-                max_steps=spec.args.max_steps,
-                num_train_epochs=spec.args.num_train_epochs,
-                drop_last=spec.args.dataloader_drop_last,
-            )
+            plan = self._data_plan(spec, key)
             if plan.steps_per_epoch < num_chunks:
                 raise ValueError(
                     f"num_chunks={num_chunks} is more than run {spec.name!r} has optimizer steps per epoch "
@@ -128,9 +125,24 @@ class MultiConfigMixin:
         self._rf_progress = RunsProgressCallback(self.coordinator, lambda: self._rf_active)
         self.add_callback(self._rf_progress)
         self._rf_ledger: Ledger | None = None
+        self._rf_started = False
         self._rf_reporters: list[Reporter] = []
         self.add_callback(LogEventsCallback(self._on_log))
         self._rf_report_to = self._claim_reporting(len(runs))
+        self._init_control()
+
+    def _data_plan(self, spec: RunSpec, key: tuple, start_slice: int = 0) -> DataPlan:
+        args = spec.args
+        return DataPlan.build(
+            num_rows=len(self._rf_datasets[key][0]),
+            batch_size=args.per_device_train_batch_size * max(1, args.n_gpu),
+            grad_accum=args.gradient_accumulation_steps,
+            num_chunks=self._rf_num_chunks,
+            max_steps=args.max_steps,
+            num_train_epochs=args.num_train_epochs,
+            drop_last=args.dataloader_drop_last,
+            start_slice=start_slice,
+        )
 
     def _claim_reporting(self, num_runs: int) -> list[str]:
         """Take over the `report_to` backends rf-callbacks drives per run; disable the rest when runs would mix."""
@@ -188,7 +200,9 @@ class MultiConfigMixin:
             self.model.set_adapter(run.spec.adapter_name)
         if not run.attributes:
             self._init_run_state(run)
-            run.trainable = [param for param in self.model.parameters() if param.requires_grad]
+            trainable = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
+            run.trainable_names, run.trainable = [name for name, _ in trainable], [param for _, param in trainable]
+            self._snapshot(run)
             others = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n and not p.requires_grad)
             run.num_parameters = self.model.num_parameters(exclude_embeddings=True) - others
         for name in self.run_attributes:
@@ -217,6 +231,8 @@ class MultiConfigMixin:
         self.create_optimizer()
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
         self.create_scheduler(num_training_steps=run.plan.max_steps, optimizer=self.optimizer)
+        if run.optimizer_init is not None:
+            self._load_parent_optimizer(run)
         self.control = TrainerControl()
         stateful = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
         self.state = TrainerState(stateful_callbacks=stateful)
@@ -254,22 +270,53 @@ class MultiConfigMixin:
                 model = self.accelerator.prepare_model(model)
             self.model_wrapped = model
         self._rf_progress.open(disable=self._rf_shared_args.disable_tqdm)
+        self._rf_training = True
+        server = None
+        if self._rf_control_socket and self.args.should_save:
+            server = ControlServer(self._rf_output_dir / "control.sock", self.handle_request)
+            server.start()
         try:
-            while (run := self.coordinator.next_run()) is not None:
+            while True:
+                self._apply_pending()
+                run = self.coordinator.next_run()
+                if run is None:
+                    break
                 self._train_slice(run, trial, ignore_keys_for_eval)
         finally:
+            if server is not None:
+                server.stop()
+            with self._rf_ops_lock:
+                self._rf_training = False
+                self._apply_pending()
             self._rf_progress.close()
             self._rf_ledger.sync()
         return self._train_output()
+
+    def close(self) -> None:
+        """Close the reporters' tracking runs and the ledger; call it when done with the trainer."""
+        for reporter in self._rf_reporters:
+            reporter.close()
+        if self._rf_ledger is not None:
+            self._rf_ledger.close()
+            self._rf_ledger = None
+
+    def _ledger(self) -> Ledger:
+        if self._rf_ledger is None:
+            self._open_experiment()
+        return self._rf_ledger
 
     def _open_experiment(self) -> None:
         self._rf_output_dir.mkdir(parents=True, exist_ok=True)
         if self._rf_ledger is None:
             path = self._rf_output_dir / "ledger.jsonl"
-            if path.exists():  # a previous experiment's ledger: keep it, under its own name
+            first = not self._rf_started
+            if first and path.exists():  # a previous experiment's ledger: keep it, under its own name
                 path.rename(path.with_name(f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
             self._rf_ledger = Ledger(path)
-            self._rf_reporters = make_reporters(self._rf_report_to, self._rf_output_dir, self._rf_shared_args.run_name)
+            if first:
+                args = self._rf_shared_args
+                self._rf_reporters = make_reporters(self._rf_report_to, self._rf_output_dir, args.run_name)
+            self._rf_started = True
         write_json_atomic(self._rf_output_dir / "experiment.json", self._experiment_info())
 
     def _experiment_info(self) -> dict[str, Any]:
@@ -294,7 +341,8 @@ class MultiConfigMixin:
         }
 
     def _train_slice(self, run: Run, trial, ignore_keys_for_eval) -> None:
-        """Train one (run, slice), then handle the boundary: evaluate, finish or park."""
+        """Train one (run, slice), or the rest of it, then handle what follows: a boundary, the run's end, or an op
+        that interrupted it mid-chunk."""
         self._activate(run)
         if run.status == "pending":
             run.status = "running"
@@ -303,9 +351,11 @@ class MultiConfigMixin:
             self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         restore_rng(run.rng)
         began = time.time()
-        epoch, first, end = run.plan.slice_steps(run.next_slice)
+        epoch, first, end = run.plan.slice_steps(run.next_slice, self.state.global_step)
         try:
-            stopped = self._train_steps(run, epoch, first, end, began - run.wall_time, trial, ignore_keys_for_eval)
+            finished, boundary = self._train_steps(
+                run, epoch, first, end, began - run.wall_time, trial, ignore_keys_for_eval
+            )
         except Exception as error:
             if len(self.coordinator) == 1:
                 raise
@@ -313,21 +363,32 @@ class MultiConfigMixin:
             self._fail(run, f"{type(error).__name__}: {error}")
             return
         run.rng = capture_rng()
-        run.next_slice += 1
-        run.slices_done += 1
-        done = stopped or self.state.global_step >= run.plan.max_steps
-        if self.eval_dataset is not None and not self._evaluated_at_current_step():
-            self.evaluate(ignore_keys=ignore_keys_for_eval)
+        if finished or boundary:
+            self._snapshot(run)
+            if self.eval_dataset is not None and not self._evaluated_at_current_step():
+                self.evaluate(ignore_keys=ignore_keys_for_eval)  # logged under the chunk it ends
+            run.next_slice += 1
+            run.slices_done += 1
         run.wall_time += time.time() - began
-        if done:
+        if finished:
             self._finish(run, time.time() - run.wall_time)
-        else:
+        elif boundary:
             self._rf_ledger.write(run.name, self.state.global_step, run.current_chunk, "boundary")
 
-    def _train_steps(self, run: Run, epoch: int, first: int, end: int, start_time: float, trial, ignore_keys) -> bool:
+    def _snapshot(self, run: Run) -> None:
+        """Keep a host copy of the run's adapter as of this boundary (what a warm-started clone starts from)."""
+        run.boundary_weights = {
+            name: param.detach().to("cpu", copy=True) for name, param in zip(run.trainable_names, run.trainable)
+        }
+
+    def _train_steps(
+        self, run: Run, epoch: int, first: int, end: int, start_time: float, trial, ignore_keys
+    ) -> tuple[bool, bool]:
         """Optimizer steps `[first, end)` of `epoch`, mirroring `Trainer._run_epoch` call for call.
 
-        Returns whether training was stopped (budget reached or a callback set `should_training_stop`).
+        Returns `(finished, boundary)`: whether the run is done (budget reached or a callback set
+        `should_training_stop`), and whether it reached the end of the chunk (it may also stop earlier, when an op
+        interrupts it).
         """
         plan, args, model = run.plan, self.args, self.model_wrapped
         steps_in_epoch = plan.batches_per_epoch
@@ -337,7 +398,7 @@ class MultiConfigMixin:
             # Plain Trainer's dataloader draws its workers' base seed from the global generator as an epoch starts.
             torch.empty((), dtype=torch.int64).random_()
         grad_norm, learning_rate = run.last_step
-        stop = False
+        position = first
         for step_in_epoch in range(first, end):
             batch_indices = plan.step_batches(step_in_epoch)
             batches = self._batches(run, order, batch_indices)
@@ -387,21 +448,20 @@ class MultiConfigMixin:
                     self._maybe_log_save_evaluate(
                         self._tr_loss, grad_norm, model, trial, epoch, ignore_keys, start_time, learning_rate
                     )
+                    position = step_in_epoch + 1
                 else:
                     self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
-                stop = self.control.should_training_stop or self.control.should_epoch_stop
-                if stop:
-                    break
-            if stop or self.state.global_step >= plan.max_steps:
+            finished = self.control.should_training_stop or self.state.global_step >= plan.max_steps
+            if finished or self._rf_interrupt:  # an op (stop, delete) parks the run after this step
                 break
         run.last_step = (grad_norm, learning_rate)
-        stop = stop or self.state.global_step >= plan.max_steps
-        if stop or end == plan.steps_per_epoch:
+        finished = self.control.should_training_stop or self.state.global_step >= plan.max_steps
+        if finished or position == plan.steps_per_epoch:
             self.control = self.callback_handler.on_epoch_end(args, self.state, self.control)
             self._maybe_log_save_evaluate(
                 self._tr_loss, grad_norm, model, trial, epoch, ignore_keys, start_time, learning_rate
             )
-        return self.control.should_training_stop or self.state.global_step >= plan.max_steps
+        return finished, position >= end
 
     def _batches(self, run: Run, order: tuple[int, ...], batch_indices: range) -> Iterator[dict[str, Any]]:
         """Collated micro-batches, built lazily so `get_batch_samples` draws them like it draws from a dataloader."""

@@ -20,6 +20,17 @@ from typing import Any
 
 # Events whose `chunk` field is trusted for boundaries; anything else in the ledger is someone else's business.
 _KNOWN_EVENTS = {"log", "status"}
+# Fields every ledger line has (and `epoch_index` on logs): not metrics.
+_RECORD_FIELDS = {"time", "run", "step", "chunk", "event", "epoch_index"}
+
+
+def ledger_key(metric: str) -> str:
+    """The ledger's key for a metric named either way: `eval/loss` -> `eval_loss`, `train/loss` -> `loss`,
+    `test/accuracy` -> `test_accuracy`; ledger keys (`eval_loss`, `loss`) are returned as they are."""
+    prefix, slash, name = metric.partition("/")
+    if not slash:
+        return metric
+    return name if prefix == "train" else f"{prefix}_{name}"
 
 
 def _is_number(value: Any) -> bool:
@@ -84,7 +95,8 @@ def plot_ledger(
             Where to write the PNG; missing parent folders are created and an existing file is replaced atomically,
             so a dashboard serving it never reads half a file.
         metrics (`Sequence[str]`, *optional*, defaults to `("loss", "eval_loss")`):
-            Keys of `"log"` events to plot, one subplot each, in this order.
+            Keys of `"log"` events to plot, one subplot each, in this order; transformers' names (`train/loss`,
+            `eval/loss`) are accepted too, and label their subplot.
         title (`str`, *optional*):
             Figure title. Defaults to the ledger's file name.
 
@@ -103,10 +115,14 @@ def plot_ledger(
     metrics = list(metrics)
     if not metrics:
         raise ValueError("metrics must name at least one ledger field, got an empty sequence")
-    series, boundaries, runs = _read_ledger(ledger_path, metrics)
-    plotted = [metric for metric in metrics if series[metric]]
+    keys = {metric: ledger_key(metric) for metric in metrics}
+    series, boundaries, runs = _read_ledger(ledger_path, list(keys.values()))
+    plotted = [metric for metric in metrics if series[keys[metric]]]
     if not plotted:
-        raise ValueError(f"ledger {str(ledger_path)!r} has no values for any of the metrics {metrics}")
+        raise ValueError(
+            f"ledger {str(ledger_path)!r} has no values for any of the metrics {metrics}; it has "
+            f"{', '.join(ledger_metrics(ledger_path)) or 'none'}"
+        )
 
     fig = Figure(figsize=(8, 3 * len(plotted)), layout="constrained")
     FigureCanvasAgg(fig)
@@ -116,7 +132,7 @@ def plot_ledger(
     colors = dict(zip(runs, palette, strict=True))
     for ax, metric in zip(axes, plotted, strict=True):
         for run in runs:
-            points = series[metric].get(run)
+            points = series[keys[metric]].get(run)
             if not points:
                 continue
             steps = sorted(points)
@@ -141,3 +157,19 @@ def plot_ledger(
         os.unlink(tmp)
         raise
     return output_png
+
+
+def ledger_metrics(ledger_path: str | os.PathLike) -> list[str]:
+    """The numeric keys of a ledger's `"log"` events (`loss`, `eval_loss`, ...), in order of first appearance."""
+    seen: dict[str, None] = {}
+    with open(ledger_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == "log":
+                seen.update(
+                    (key, None) for key, value in record.items() if key not in _RECORD_FIELDS and _is_number(value)
+                )
+    return list(seen)

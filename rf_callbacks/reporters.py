@@ -1,26 +1,44 @@
 """Reporters: per-run tracking sinks fed from the same events as the ledger.
 
 transformers' integration callbacks assume one tracking run per process (its MLflow callback opens a new auto-named
-run at every `train()`), so with rf-callbacks each backend named in `report_to` is driven through its own client API
-instead, with one tracking run per rf run. A reporter is any object with the `Reporter` methods below.
+run at every `train()`, `trackio.init()` finishes the previous run), so with rf-callbacks each backend named in
+`report_to` is driven through its own client API instead, with one tracking run per rf run, and transformers' own
+callback for it is removed. A reporter is any object with the `Reporter` methods below; `make_reporters` builds them
+from `report_to` names.
 
-MLflow: one experiment per trainer (`MLFLOW_EXPERIMENT_NAME`, else `args.run_name`, else the output folder's name),
-one MLflow run per rf run, named after it, with the run's flattened config as params, every logged value under HF's
-`train/` and `eval/` names at the run's global step, plus `chunk`; the status is mirrored when the run ends. The
-store is `MLFLOW_TRACKING_URI` when set, else the sqlite file `<output_dir>/mlflow.db`
-(`mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db` shows it).
+Every backend gets, per rf run: a tracking run named after it, grouped with the experiment's other runs; its
+params (the config summary, `parent`, `warm_start`); every logged value under HF's `train/` and `eval/` names at the
+run's global step, plus `chunk`; its end status.
+
+- `"mlflow"`: one experiment (`MLFLOW_EXPERIMENT_NAME`, else the experiment name) in `MLFLOW_TRACKING_URI`, else in
+  the sqlite file `<output_dir>/mlflow.db` (`mlflow ui --backend-store-uri sqlite:///<output_dir>/mlflow.db`), one
+  MLflow run per rf run through `MlflowClient` with explicit run ids; status FINISHED, FAILED or KILLED.
+- `"tensorboard"`: one log dir per run, `<root>/<run>`, with `root` = `TENSORBOARD_LOGGING_DIR`, else
+  `<output_dir>/tensorboard` (`tensorboard --logdir <root>`); params and status as text summaries.
+- `"wandb"`: one W&B run per rf run (`wandb.init(reinit="create_new")`), in project `WANDB_PROJECT` (else
+  `"huggingface"`, as transformers), `group` = the experiment name, files under `WANDB_DIR`, else `<output_dir>`;
+  finished with exit code 1 when the run failed.
+- `"trackio"`: one Trackio run per rf run in project = the experiment name, in trackio's local store (`TRACKIO_DIR`,
+  else `~/.cache/huggingface/trackio`; `trackio show --project <name>`).
+
+The experiment name is `args.run_name`, else the output folder's name.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .run import Run
+
+logger = logging.getLogger(__name__)
 
 _MLFLOW_STATUS = {"completed": "FINISHED", "failed": "FAILED", "stopped": "KILLED", "deleted": "KILLED"}
 
@@ -63,6 +81,17 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def run_params(run: Run) -> dict[str, Any]:
+    """What a tracking run records as its params: the config summary (PEFT fields and overrides), its parent and
+    the run it was warm-started from (both set for clones, `None` otherwise)."""
+    return {**run.spec.summary, "parent": run.spec.parent, "warm_start": getattr(run.spec, "warm_start", None)}
+
+
+def experiment_name(output_dir: str | os.PathLike, run_name: str | None) -> str:
+    """The name that groups one experiment's tracking runs: `args.run_name`, else the output folder's name."""
+    return run_name or Path(output_dir).resolve().name
+
+
 class MlflowReporter:
     """One MLflow run per rf run, through `MlflowClient` with explicit run ids (no process-global active run).
 
@@ -88,17 +117,18 @@ class MlflowReporter:
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             uri = f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or run_name or Path(output_dir).resolve().name
-        return cls(uri, name)
+        return cls(uri, os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment_name(output_dir, run_name))
 
     def start(self, run: Run) -> None:
+        if run.name in self.run_ids:  # resumed after a stop
+            self.client.update_run(self.run_ids[run.name], status="RUNNING")
+            return
+        from mlflow.entities import Param
+
         tags = {"rf.run": run.name, "rf.parent": str(run.spec.parent)}
         created = self.client.create_run(self.experiment_id, run_name=run.name, tags=tags)
         self.run_ids[run.name] = created.info.run_id
-        from mlflow.entities import Param
-
-        params = [Param(key, value) for key, value in flatten(run.spec.summary).items()]
-        params.append(Param("parent", str(run.spec.parent)))
+        params = [Param(key, value) for key, value in flatten(run_params(run)).items()]
         self.client.log_batch(created.info.run_id, params=params)
 
     def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
@@ -121,3 +151,204 @@ class MlflowReporter:
 
     def close(self) -> None:
         return None
+
+
+class TensorBoardReporter:
+    """One TensorBoard log dir per rf run, `<log_dir>/<run>`, each written by its own `SummaryWriter`.
+
+    Args:
+        log_dir (`str` or `os.PathLike`): The root folder; `tensorboard --logdir <log_dir>` shows all runs together.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._summary_writer = SummaryWriter
+        self.log_dir = Path(log_dir)
+        self.writers: dict[str, Any] = {}
+
+    @classmethod
+    def from_env(cls, output_dir: str | os.PathLike, run_name: str | None) -> TensorBoardReporter:
+        root = os.environ.get("TENSORBOARD_LOGGING_DIR")
+        return cls(os.path.expanduser(root) if root else Path(output_dir) / "tensorboard")
+
+    def _writer(self, run: Run):
+        # A log after the run finished (an `evaluate()` after `train()`) reopens its folder, in a new event file.
+        if run.name not in self.writers:
+            self.writers[run.name] = self._summary_writer(log_dir=str(self.log_dir / run.name))
+        return self.writers[run.name]
+
+    def start(self, run: Run) -> None:
+        if run.name in self.writers:
+            return
+        rows = "\n".join(f"| {key} | {value} |" for key, value in flatten(run_params(run)).items())
+        self._writer(run).add_text("params", f"| param | value |\n|---|---|\n{rows}")
+
+    def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
+        writer = self._writer(run)
+        for key, value in {**hf_metric_names(values), "chunk": float(chunk)}.items():
+            writer.add_scalar(key, value, step)
+        writer.flush()  # as transformers' TensorBoardCallback does at every log: live in the UI, safe from a crash
+
+    def finish(self, run: Run) -> None:
+        writer = self.writers.get(run.name)
+        if writer is None:
+            return
+        writer.add_text("status", run.status + (f": {run.error}" if run.error else ""), run.global_step)
+        if run.status == "stopped":  # it may be resumed
+            writer.flush()
+        else:
+            self.writers.pop(run.name).close()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
+
+
+class WandbReporter:
+    """One W&B run per rf run, opened with `wandb.init(reinit="create_new")` so several live in one process.
+
+    Args:
+        project (`str`): The W&B project.
+        group (`str`): The W&B group that holds the experiment's runs.
+        directory (`str` or `os.PathLike`): Where wandb writes its run folders (`<directory>/wandb/`).
+    """
+
+    def __init__(self, project: str, group: str, directory: str | os.PathLike):
+        import wandb
+
+        self._wandb = wandb
+        self.project, self.group, self.directory = project, group, Path(directory)
+        self.runs: dict[str, Any] = {}
+        self.finished: set[str] = set()
+
+    @classmethod
+    def from_env(cls, output_dir: str | os.PathLike, run_name: str | None) -> WandbReporter:
+        directory = os.environ.get("WANDB_DIR") or output_dir
+        return cls(os.environ.get("WANDB_PROJECT", "huggingface"), experiment_name(output_dir, run_name), directory)
+
+    def start(self, run: Run) -> None:
+        if run.name in self.runs:  # resumed after a stop: its W&B run is still open
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.runs[run.name] = self._wandb.init(
+            project=self.project,
+            group=self.group,
+            name=run.name,
+            config=run_params(run),
+            tags=[f"parent:{run.spec.parent}"] if run.spec.parent else None,
+            dir=str(self.directory),
+            reinit="create_new",
+        )
+
+    def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
+        if run.name in self.finished:  # a finished W&B run takes no more data; the ledger has it
+            logger.debug("W&B run of %r is finished; not logging %s", run.name, sorted(values))
+            return
+        self.start(run)
+        self.runs[run.name].log({**hf_metric_names(values), "chunk": chunk}, step=step)
+
+    def finish(self, run: Run) -> None:
+        wandb_run = self.runs.get(run.name)
+        if wandb_run is None or run.name in self.finished:
+            return
+        wandb_run.summary["rf/status"] = run.status
+        if run.error:
+            wandb_run.summary["rf/error"] = run.error[:5000]
+        if run.status == "stopped":  # it may be resumed, and a finished W&B run takes no more data
+            return
+        wandb_run.finish(exit_code=1 if run.status == "failed" else 0)
+        self.finished.add(run.name)
+
+    def close(self) -> None:
+        for name, wandb_run in self.runs.items():
+            if name not in self.finished:
+                wandb_run.finish()
+                self.finished.add(name)
+
+
+class TrackioReporter:
+    """One Trackio run per rf run, in the experiment's Trackio project, in trackio's local store (`TRACKIO_DIR`).
+
+    `trackio.init()` finishes the process's current run before it starts another, so the runs are `trackio.Run`
+    objects built directly, as `trackio.init()` builds them: each has its own run id and writer thread and logs into
+    the same project database, so all of them stay open side by side. Trackio has no run status; a run's end only
+    flushes and finishes it (the status is in the ledger and `run.json`).
+
+    Args:
+        project (`str`): The Trackio project that holds the experiment's runs.
+    """
+
+    def __init__(self, project: str):
+        import trackio
+
+        self._trackio = trackio
+        self.project = project
+        self.runs: dict[str, Any] = {}
+        self.finished: set[str] = set()
+
+    @classmethod
+    def from_env(cls, output_dir: str | os.PathLike, run_name: str | None) -> TrackioReporter:
+        return cls(experiment_name(output_dir, run_name))
+
+    def start(self, run: Run) -> None:
+        if run.name in self.runs:
+            return
+        self.runs[run.name] = self._trackio.Run(
+            url=None, project=self.project, client=None, name=run.name, config=run_params(run)
+        )
+
+    def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
+        # A finished trackio run still takes logs (written at once instead of by its stopped thread).
+        self.start(run)
+        self.runs[run.name].log({**hf_metric_names(values), "chunk": chunk}, step=step)
+
+    def finish(self, run: Run) -> None:
+        trackio_run = self.runs.get(run.name)
+        if trackio_run is None or run.name in self.finished or run.status == "stopped":  # a stopped run may resume
+            return
+        trackio_run.finish()
+        self.finished.add(run.name)
+
+    def close(self) -> None:
+        for name, trackio_run in self.runs.items():
+            if name not in self.finished:
+                trackio_run.finish()
+                self.finished.add(name)
+
+
+REPORTERS = {
+    "mlflow": MlflowReporter,
+    "tensorboard": TensorBoardReporter,
+    "wandb": WandbReporter,
+    "trackio": TrackioReporter,
+}
+
+
+def check_backends(names: Sequence[str]) -> None:
+    """Refuse, before any work, a `report_to` backend driven per run whose library is not installed.
+
+    Raises:
+        `ImportError`: naming the backend and the rf-callbacks extra that installs it.
+    """
+    for name in names:
+        # Each backend's library, and the rf-callbacks extra that installs it, have the backend's name.
+        if name in REPORTERS and importlib.util.find_spec(name) is None:
+            raise ImportError(
+                f"report_to={name!r} needs the {name} library, which is not installed; install it with "
+                f'pip install "rf-callbacks[{name}]"'
+            )
+
+
+def make_reporters(names: Sequence[str], output_dir: str | os.PathLike, run_name: str | None) -> list[Reporter]:
+    """One reporter per backend in `names` that rf-callbacks drives per run (`REPORTERS`); other names are ignored.
+
+    Args:
+        names (`Sequence[str]`): `report_to` names, as in `TrainingArguments.report_to`.
+        output_dir (`str` or `os.PathLike`): The experiment's output folder (default home of the local stores).
+        run_name (`str`, *optional*): `args.run_name`, the experiment's name when set.
+    """
+    names = [name for name in names if name in REPORTERS]
+    check_backends(names)
+    return [REPORTERS[name].from_env(output_dir, run_name) for name in names]

@@ -3,6 +3,9 @@
 `<output_dir>/ledger.jsonl` gets one JSON object per line for every log event and every status change, written as
 it happens (so the file shows the real order in which runs trained) and flushed at once (so it survives a crash).
 Every line has `time`, `run`, `step`, `chunk` and `event`; log lines carry the logged values.
+
+transformers is imported only when the trainer asks for `LogEventsCallback`, so the ledger and leaderboard helpers
+(all the `rf-callbacks` command needs) load in milliseconds rather than the seconds torch takes.
 """
 
 from __future__ import annotations
@@ -13,8 +16,6 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from transformers import TrainerCallback
 
 if TYPE_CHECKING:
     from .run import Run
@@ -77,25 +78,39 @@ def write_run_json(run: Run, directory: str | os.PathLike) -> None:
     write_json_atomic(Path(directory) / "run.json", run.result())
 
 
-class LogEventsCallback(TrainerCallback):
-    """Hands every `Trainer.log` call to `on_log` (the trainer knows which run and chunk it belongs to)."""
+def __getattr__(name: str) -> Any:
+    if name != "LogEventsCallback":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from transformers import TrainerCallback
 
-    def __init__(self, on_log):
-        self.on_log_event = on_log
+    class LogEventsCallback(TrainerCallback):
+        """Hands every `Trainer.log` call to `on_log` (the trainer knows which run and chunk it belongs to)."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            self.on_log_event(logs)
+        def __init__(self, on_log):
+            self.on_log_event = on_log
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                self.on_log_event(logs)
+
+    LogEventsCallback.__qualname__ = LogEventsCallback.__name__
+    globals()[name] = LogEventsCallback
+    return LogEventsCallback
 
 
 _HIDDEN_CONFIG_KEYS = ("peft_type", "use_dora", "use_rslora")
 
 
-def format_leaderboard(results: list[dict[str, Any]], metric: str = "eval_loss") -> str:
-    """A plain-text table of `results()` rows, best `metric` first (lower is better; missing values last)."""
+def format_leaderboard(
+    results: list[dict[str, Any]], metric: str = "eval_loss", greater_is_better: bool = False
+) -> str:
+    """A plain-text table of `results()` rows, best `metric` first (lower is better unless `greater_is_better`;
+    missing values last)."""
 
     def key(row):
         value = row.get(metric)
+        if value is not None and greater_is_better:
+            value = -value
         return (value is None, value if value is not None else 0.0, row["name"])
 
     columns = ["rank", "run", "status", "step", "train_loss", metric, "chunks", "time_s", "config"]
@@ -120,6 +135,51 @@ def format_leaderboard(results: list[dict[str, Any]], metric: str = "eval_loss")
     widths = [max(len(column), *(len(line[i]) for line in lines)) for i, column in enumerate(columns)]
     render = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([render(columns), render(["-" * width for width in widths]), *map(render, lines)])
+
+
+def results_from_dir(output_dir: str | os.PathLike, metric: str = "eval_loss") -> list[dict[str, Any]]:
+    """`results()` rows of an experiment rebuilt from its folder, so they are there after the process ended or crashed.
+
+    Each run starts from its row in `experiment.json` (written when training starts), then its `run.json` (written at
+    each status change), then its ledger lines, the most recent record: the last status, step and chunk count, the
+    last logged `loss` and `metric` (a ledger key such as `eval_loss` or `eval_mean_token_accuracy`).
+
+    Raises:
+        `FileNotFoundError`: If `<output_dir>/ledger.jsonl` does not exist.
+    """
+    output_dir = Path(output_dir)
+    records = read_ledger(output_dir / "ledger.jsonl")
+    rows: dict[str, dict[str, Any]] = {}
+    experiment = output_dir / "experiment.json"
+    if experiment.exists():
+        for row in json.loads(experiment.read_text(encoding="utf-8")).get("runs", []):
+            rows[row["name"]] = row
+    for path in sorted(output_dir.glob("runs/*/run.json")):
+        row = json.loads(path.read_text(encoding="utf-8"))
+        rows[row["name"]] = {**rows.get(row["name"], {}), **row}
+    boundaries: dict[str, int] = {}
+    for record in records:
+        name = record.get("run")
+        if not isinstance(name, str):
+            continue
+        row = rows.setdefault(name, {"name": name})
+        row["global_step"] = record.get("step", row.get("global_step", 0))
+        if record.get("event") == "status":
+            row["status"], row["error"] = record.get("status"), record.get("error")
+        elif record.get("event") == "boundary":
+            boundaries[name] = boundaries.get(name, 0) + 1
+        elif record.get("event") == "log":
+            # As in `results()`, `train_loss` is the last logged `loss` (unless `metric` asks for the final average).
+            for key, column in (("loss", "train_loss"), (metric, metric)):
+                if record.get(key) is not None:
+                    row[column] = record[key]
+    for name, row in rows.items():
+        done = boundaries.get(name, 0) + (row.get("status") == "completed")
+        row["chunks_done"] = max(row.get("chunks_done", 0), done)
+        for key, default in (("status", "pending"), ("global_step", 0), ("max_steps", "?"), ("wall_time", 0.0)):
+            row.setdefault(key, default)
+        row.setdefault("config", {})
+    return list(rows.values())
 
 
 def _fmt(value: float | None) -> str:

@@ -42,6 +42,9 @@ class Run:
     last_step: tuple = (None, None)  # (grad_norm, learning_rate) of its last optimizer step, for epoch-end logs
     train_metrics: dict[str, Any] | None = None  # the final `train_loss`/speed metrics, once completed
     trainable: list = field(default_factory=list)  # its parameters that train (its adapter)
+    trainable_names: list[str] = field(default_factory=list)
+    boundary_weights: dict | None = None  # CPU copy of its adapter at its last boundary (for warm-start clones)
+    optimizer_init: dict | None = None  # clone with copy_optimizer: the parent's optimizer state to start from
     num_parameters: int = 0  # base (without embeddings) + its adapter, for FLOPs estimates
 
     @property

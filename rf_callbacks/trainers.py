@@ -103,6 +103,9 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             On a CUDA machine, park a waiting run's optimizer state in pinned host memory (`True`), keep it on the
             device (`False`), or keep it on the device while at least 10% of the GPU stays free (`"auto"`). Ignored
             on CPU-only torch, where nothing moves.
+        control_socket (`bool`, *optional*, defaults to `True`):
+            While `train()` runs, answer IC ops (stop, resume, delete, clone, ls, status, metrics) on the Unix socket
+            `<output_dir>/control.sock` (mode 0600), which the `rf-callbacks` CLI and the dashboard use.
 
     Usage:
     ```python
@@ -153,6 +156,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         configs: Sequence[dict[str, Any]] | None = None,
         num_chunks: int = 4,
         offload_optimizer: bool | str = True,
+        control_socket: bool = True,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -193,7 +197,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._build_runs(specs, num_chunks, offload_optimizer)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket)
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import warnings
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# trackio reads TRACKIO_DIR once, when first imported (TRL's GRPO module imports it): point it at a throwaway folder
+# before any test module loads, so no test writes to the user's ~/.cache/huggingface/trackio.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="rf-callbacks-tests-trackio-")
+atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 

@@ -1,0 +1,1 @@
+"""Local control channel: a Unix-domain socket server inside the training process, and its client."""

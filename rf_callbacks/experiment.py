@@ -1,0 +1,311 @@
+"""`Experiment`: RapidFire AI's `run_fit` entry point, as a thin layer over `RFSFTTrainer`.
+
+```python
+experiment = Experiment(experiment_name="sft-comparison")
+experiment.run_fit(RFGridSearch(configs=configs, trainer_type="SFT"), create_model, train_dataset, num_chunks=4)
+experiment.get_results()   # pandas DataFrame: one row per (run, logged step)
+experiment.end()
+```
+
+`run_fit` checks everything first (each leaf, each formatting_func's output on every row, each group's arguments
+and chunk count), then trains group after group (see `automl/plan.py` for what makes a group). Each group is one
+`RFSFTTrainer`: its runs rotate chunk by chunk, so within a group every run reaches chunk c before any run goes past
+it. Groups run one after another, those on the same base next to each other; `create_model_fn` is called once per
+base, and a base is dropped before the next one is created, so one base is resident at a time. Run ids are
+1-based integers in search order (continuing across `run_fit` calls); the trainer names them `run-<id>`.
+
+Layout: `<experiment_path or $RF_EXPERIMENT_PATH or ./rf_experiments>/<experiment_name>/group-<k>/` holds each
+group's trainer output (`experiment.json`, `ledger.jsonl`, `runs/run-<id>/` with the adapter), and `runs.json`
+the runs table of `get_runs_info()`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_TRAINERS = {"SFT": "RFSFTTrainer", "DPO": "RFDPOTrainer", "GRPO": "RFGRPOTrainer"}
+_LEDGER_SKIP = ("time", "run", "event")
+RUN_COLUMNS = ("run_id", "run_name", "status", "model_name", "group", "global_step", "max_steps", "chunks_done")
+RUN_COLUMNS += ("parent", "error", "train_loss", "eval_loss", "output_dir", "config")
+
+
+def _trainer_class(trainer_type: str):
+    import rf_callbacks
+
+    try:
+        return getattr(rf_callbacks, _TRAINERS[trainer_type])
+    except AttributeError:
+        raise NotImplementedError(
+            f"trainer_type={trainer_type!r} needs rf_callbacks.{_TRAINERS[trainer_type]}, which this version does not "
+            "have yet; only trainer_type='SFT' can run now"
+        ) from None
+
+
+class Experiment:
+    """A named folder of runs, trained with `run_fit` and read back with `get_results`/`get_runs_info`.
+
+    Args:
+        experiment_name (`str`): Folder name; if taken, `_2`, `_3`, ... is appended (see `experiment_name`).
+        mode (`str`, *optional*, defaults to `"fit"`): Only "fit" (RapidFire AI's "evals" mode is not provided).
+        experiment_path (`str`, *optional*): Parent folder; default `$RF_EXPERIMENT_PATH`, else `./rf_experiments`.
+    """
+
+    def __init__(self, experiment_name: str, mode: str = "fit", experiment_path: str | os.PathLike | None = None):
+        if mode != "fit":
+            raise ValueError(f"mode={mode!r} is not supported; rf-callbacks provides mode='fit' only")
+        if not isinstance(experiment_name, str) or not _NAME_RE.match(experiment_name):
+            raise ValueError(
+                f"experiment_name={experiment_name!r} is invalid; use letters, digits, '_', '.', '-' "
+                "(it names a folder)"
+            )
+        root = Path(experiment_path or os.environ.get("RF_EXPERIMENT_PATH") or "rf_experiments")
+        root.mkdir(parents=True, exist_ok=True)
+        path, suffix = root / experiment_name, 2
+        while True:
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                path, suffix = root / f"{experiment_name}_{suffix}", suffix + 1
+        self.experiment_name, self.experiment_path, self.path = path.name, root, path
+        self._runs: dict[int, dict[str, Any]] = {}
+        self._ledgers: list[Path] = []
+        self._trainer = None
+        self._ended = False
+
+    # ------------------------------------------------------------------------------------------------ training
+    def run_fit(
+        self,
+        config_group: Any = None,
+        create_model_fn: Callable[[dict[str, Any]], Any] | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        num_chunks: int = 4,
+        seed: int = 42,
+        *,
+        num_shards: int | None = None,
+        param_config: Any = None,
+    ) -> None:
+        """Train every leaf of `config_group` (an `RFGridSearch`/`RFRandomSearch`, or configs for a grid search).
+
+        Args:
+            config_group: The search. `param_config=` is accepted as RapidFire AI's name for it.
+            create_model_fn (`Callable`): `dict(model_name, model_type, model_kwargs, tokenizer, tokenizer_kwargs)
+                -> (model, tokenizer)` (or just the model); called once per distinct base.
+            train_dataset, eval_dataset (`datasets.Dataset`): Raw rows; each leaf's formatting_func maps them.
+            num_chunks (`int`, *optional*, defaults to `4`): Chunks per epoch (`num_shards=` is an alias).
+            seed (`int`, *optional*, defaults to `42`): `seed` of every leaf whose training_args set none; with it,
+                the data order of a group (its first leaf's `data_seed`, else `seed`).
+        """
+        from .automl.plan import plan_jobs
+        from .automl.search import RFGridSearch, _Search
+
+        if self._ended:
+            raise RuntimeError(f"experiment {self.experiment_name!r} has ended; create a new Experiment")
+        search = config_group if config_group is not None else param_config
+        search = search if isinstance(search, _Search) else RFGridSearch(search, "SFT")
+        num_chunks = num_shards if num_shards is not None else num_chunks
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f"num_chunks={num_chunks!r} is invalid; it must be an int >= 1")
+        if not callable(create_model_fn):
+            raise ValueError("create_model_fn must be a function: model_config dict -> (model, tokenizer)")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        trainer_cls = _trainer_class(search.trainer_type)
+        jobs = plan_jobs(
+            search,
+            trainer_cls,
+            train_dataset,
+            eval_dataset,
+            num_chunks,
+            seed,
+            folder=lambda k: self.path / f"group-{k}",
+            first_run_id=max(self._runs, default=0) + 1,
+            first_group=len(self._ledgers) + 1,
+        )
+        for job in jobs:  # everything is checked: record the runs, then train
+            for member in job.group.members:
+                self._runs[member.run_id] = _run_record(member, job)
+            self._ledgers.append(job.folder / "ledger.jsonl")
+        self._write_runs()
+
+        model = tokenizer = base = None
+        for job in jobs:
+            if job.group.base != base:
+                model = tokenizer = None
+                self._free()
+                model, tokenizer = self._create_model(create_model_fn, job.group.ref.leaf)
+                base = job.group.base
+            kwargs = dict(model=model, args=job.args, train_dataset=job.train, eval_dataset=job.eval)
+            kwargs.update(processing_class=tokenizer, configs=job.configs, num_chunks=num_chunks)
+            model = self._train_group(trainer_cls, search.trainer_type, job.group, job.folder, kwargs)
+        model = tokenizer = None
+        self._free()
+
+    def _create_model(self, create_model_fn: Callable, leaf) -> tuple[Any, Any]:
+        created = create_model_fn(
+            {
+                "model_name": leaf.model_name,
+                "model_type": leaf.model_type,
+                "model_kwargs": dict(leaf.model_kwargs or {}),
+                "tokenizer": leaf.tokenizer,
+                "tokenizer_kwargs": dict(leaf.tokenizer_kwargs or {}),
+            }
+        )
+        if isinstance(created, (tuple, list)) and len(created) == 2:
+            return created[0], created[1]
+        return created, None
+
+    def _train_group(self, trainer_cls, trainer_type: str, group, out: Path, kwargs: dict[str, Any]):
+        """Train one group with one trainer; return the base model with every adapter removed, for the next group."""
+        from peft import PeftModel
+
+        from .automl.generation import GenerationMetricsCallback
+
+        ref = group.ref.leaf
+        if ref.generation_config is None and ref.compute_metrics is not None:
+            kwargs["compute_metrics"] = ref.compute_metrics  # transformers' logits-based contract
+        if trainer_type == "GRPO":
+            kwargs["reward_funcs"] = ref.reward_funcs
+        trainer = self._trainer = trainer_cls(**kwargs)
+        per_run = {
+            m.name: (m.leaf.compute_metrics, m.leaf.generation_config)
+            for m in group.members
+            if m.leaf.compute_metrics is not None and m.leaf.generation_config is not None
+        }
+        evals = kwargs["eval_dataset"]
+        if per_run and evals is not None:
+            callback = GenerationMetricsCallback(
+                next(iter(evals.values())) if isinstance(evals, dict) else evals, per_run
+            )
+            callback.trainer = trainer
+            trainer.add_callback(callback)
+        for member in group.members:
+            self._runs[member.run_id]["status"] = "running"
+        error = None
+        try:
+            trainer.train()
+        except Exception as exc:  # a single-run trainer re-raises its run's failure; the other groups go on
+            logger.exception("group %s failed", out.name)
+            error = f"{type(exc).__name__}: {exc}"
+        for row in trainer.results():
+            record = self._runs[int(row["name"].split("-", 1)[1])]
+            for key in (
+                "status",
+                "global_step",
+                "max_steps",
+                "chunks_done",
+                "parent",
+                "error",
+                "train_loss",
+                "eval_loss",
+            ):
+                record[key] = row[key]
+            if error is not None and record["status"] != "completed":
+                record["status"], record["error"] = "failed", record["error"] or error
+        self._write_runs()
+        model = trainer.model
+        self._close_trainer(trainer)
+        self._trainer = trainer = None
+        if isinstance(model, PeftModel):
+            model = model.unload()  # removes the LoRA layers: the untouched base, ready for the next group
+            if hasattr(model, "peft_config"):
+                del model.peft_config
+        return model
+
+    @staticmethod
+    def _close_trainer(trainer) -> None:
+        """Close the trainer's ledger and reporters (files, tracking runs)."""
+        if callable(getattr(trainer, "close", None)):
+            return trainer.close()
+        for sink in [getattr(trainer, "_rf_ledger", None), *(getattr(trainer, "_rf_reporters", None) or [])]:
+            if sink is not None:
+                sink.close()
+        return None
+
+    @staticmethod
+    def _free() -> None:
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _write_runs(self) -> None:
+        from .reporting import write_json_atomic
+
+        write_json_atomic(
+            self.path / "runs.json", {"experiment_name": self.experiment_name, "runs": list(self._runs.values())}
+        )
+
+    # ------------------------------------------------------------------------------------------------ results
+    def get_results(self):
+        """A pandas DataFrame with one row per (run, logged step): `run_id`, `step`, `config.<field>` columns, then
+        every value logged at that step (`loss`, `learning_rate`, `eval_loss`, `eval_<metric>`, `chunk`, ...)."""
+        import pandas as pd
+
+        from .reporting import read_ledger
+
+        ids = {record["run_name"]: run_id for run_id, record in self._runs.items()}
+        rows: dict[tuple[int, int], dict[str, Any]] = {}
+        for path in self._ledgers:
+            for entry in read_ledger(path) if path.exists() else []:
+                run_id = ids.get(entry.get("run"))
+                if entry.get("event") != "log" or run_id is None:
+                    continue
+                row = rows.setdefault((run_id, entry["step"]), {"run_id": run_id, "step": entry["step"]})
+                row.update({key: value for key, value in entry.items() if key not in _LEDGER_SKIP})
+        if not rows:
+            return pd.DataFrame(columns=["run_id", "step"])
+        metrics = pd.DataFrame([rows[key] for key in sorted(rows)])
+        configs = pd.DataFrame(
+            [
+                {"run_id": run_id, **{f"config.{key}": _cell(value) for key, value in record["config"].items()}}
+                for run_id, record in self._runs.items()
+            ]
+        )
+        frame = metrics.merge(configs, on="run_id", how="left")
+        config_columns = [column for column in frame.columns if column.startswith("config.")]
+        return frame[["run_id", "step", *config_columns, *metrics.columns[2:]]]
+
+    def get_runs_info(self):
+        """A pandas DataFrame with one row per run: `run_id`, `run_name`, `status`, `model_name`, `group`,
+        `global_step`, `max_steps`, `chunks_done`, `parent`, `error`, last `train_loss`/`eval_loss`, `output_dir`
+        (its adapter) and `config` (a dict)."""
+        import pandas as pd
+
+        return pd.DataFrame([self._runs[run_id] for run_id in sorted(self._runs)], columns=list(RUN_COLUMNS))
+
+    def end(self) -> None:
+        """Close any open trainer's ledger and reporters and free the model; the experiment then takes no run_fit."""
+        if self._trainer is not None:
+            self._close_trainer(self._trainer)
+            self._trainer = None
+        self._free()
+        if not self._ended:
+            self._write_runs()
+        self._ended = True
+
+
+def _run_record(member, job) -> dict[str, Any]:
+    from .automl.plan import leaf_summary
+
+    record = dict.fromkeys(RUN_COLUMNS)
+    record.update(run_id=member.run_id, run_name=member.name, status="pending", model_name=member.leaf.model_name)
+    record.update(group=job.folder.name, global_step=0, chunks_done=0, config=leaf_summary(member.leaf))
+    record["output_dir"] = str(job.folder / "runs" / member.name)
+    return record
+
+
+def _cell(value: Any) -> Any:
+    """Config values as DataFrame cells: lists and dicts become their JSON-ish text."""
+    return value if isinstance(value, (str, int, float, bool)) or value is None else str(value)

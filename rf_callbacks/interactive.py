@@ -1,0 +1,269 @@
+"""`InteractiveMixin`: stop, resume, delete and clone runs while `train()` runs (or between `train()` calls).
+
+Ops are validated when issued, from any thread, and answered at once (`OpError` names the problem). The training
+loop applies accepted ops at safe points: a stop or delete of the run that is training takes effect after its current
+optimizer step; everything else at the next boundary. When no training loop is running, an op is applied at once.
+
+- `stop`: the run keeps its full state (adapter, optimizer, scheduler, RNG, position inside the chunk) and leaves the
+  rotation; `resume` puts it back and it continues bit-for-bit as if it had never stopped.
+- `delete`: the run leaves for good; its adapter and optimizer are freed; what it saved and logged stays.
+- `clone`: a new run from the parent's config with overrides. It starts on the data after the parent's last completed
+  chunk, with its own full step budget, its own LR schedule (warmup included) and a fresh optimizer. With
+  `warm_start=True` its adapter starts from the parent's weights as of the parent's last completed boundary (same rank
+  and target modules required); `copy_optimizer=True` also copies the parent's optimizer moments as of its latest step
+  (the child's learning rate and schedule stay its own).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import threading
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import set_seed
+
+from .configs import RunSpec, parse_configs
+from .ops import VALID_FROM, Op, OpError, merge_peft_overrides, parse_request
+from .run import Run
+
+
+class InteractiveMixin:
+    """The IC-op half of `MultiConfigMixin` (which calls `_init_control` and the safe-point hooks)."""
+
+    def _init_control(self) -> None:
+        self._rf_ops_lock = threading.RLock()
+        self._rf_pending: list[Op] = []
+        self._rf_training = False
+        self._rf_interrupt = False
+
+    # ------------------------------------------------------------------------------------------------ public
+    def stop(self, run: str, source: str = "python") -> str:
+        """Park run `run` at its next optimizer step; it keeps its state and can be resumed."""
+        return self.submit_op(Op("stop", run, source=source))
+
+    def resume(self, run: str, source: str = "python") -> str:
+        """Put a stopped run back into the rotation, where it left off."""
+        return self.submit_op(Op("resume", run, source=source))
+
+    def delete(self, run: str, source: str = "python") -> str:
+        """Remove a run for good and free its adapter and optimizer (its saved files and metrics stay)."""
+        return self.submit_op(Op("delete", run, source=source))
+
+    def clone(
+        self,
+        run: str,
+        overrides: dict[str, Any] | None = None,
+        warm_start: bool = False,
+        name: str | None = None,
+        copy_optimizer: bool = False,
+        source: str = "python",
+    ) -> str:
+        """Start a new run from `run`'s config with `overrides` applied; returns the new run's name."""
+        op = Op("clone", run, dict(overrides or {}), warm_start, copy_optimizer, name, source=source)
+        return self.submit_op(op)
+
+    def submit_op(self, op: Op) -> str:
+        """Validate `op` now and apply it at the next safe point (at once if not training).
+
+        Returns:
+            `str`: the run the op targets (for `clone`, the child's name).
+
+        Raises:
+            `OpError`: unknown run, op not valid in the run's status, bad overrides.
+        """
+        with self._rf_ops_lock:
+            try:
+                self._validate_op(op)
+            except OpError as error:
+                self._ledger().write(op.run, None, None, "op", **op.describe(), accepted=False, error=str(error))
+                raise
+            self._ledger().write(op.run, None, None, "op", **op.describe(), accepted=True)
+            if self._rf_training:
+                self._rf_pending.append(op)
+                active = self._rf_active
+                if op.kind in ("stop", "delete") and active is not None and active.name == op.run:
+                    self._rf_interrupt = True
+            else:
+                self._apply_op(op)
+        return op.name if op.kind == "clone" else op.run
+
+    def handle_request(self, request: Any) -> dict[str, Any]:
+        """Answer one decoded control request (the socket server's handler; also usable directly)."""
+        parsed = parse_request(request)
+        if isinstance(parsed, Op):
+            return {"ok": True, "run": self.submit_op(parsed)}
+        kind, arguments = parsed
+        with self._rf_ops_lock:
+            if kind == "ls":
+                return {"ok": True, "runs": self.results()}
+            if kind == "status":
+                active = self._rf_active
+                return {
+                    "ok": True,
+                    "training": self._rf_training,
+                    "active": active.name if active is not None and self._rf_training else None,
+                    "chunk": active.current_chunk if active is not None else None,
+                    "num_chunks": self._rf_num_chunks,
+                    "runs": {run.name: run.status for run in self.coordinator},
+                    "pending_ops": [op.describe() for op in self._rf_pending],
+                }
+            names = [arguments["run"]] if arguments["run"] else list(self.coordinator.runs)
+            if arguments["run"] and arguments["run"] not in self.coordinator.runs:
+                raise OpError(f"unknown run {arguments['run']!r}; runs are {sorted(self.coordinator.runs)}")
+            history = {
+                name: (self.coordinator[name].state.log_history if self.coordinator[name].state else [])
+                for name in names
+            }
+            return {"ok": True, "metrics": {name: logs[-arguments["last"] :] for name, logs in history.items()}}
+
+    # ---------------------------------------------------------------------------------------------- checks
+    def _validate_op(self, op: Op) -> None:
+        if op.kind not in VALID_FROM:
+            raise OpError(f"unknown op {op.kind!r}")
+        if op.run not in self.coordinator.runs:
+            raise OpError(f"unknown run {op.run!r}; runs are {sorted(self.coordinator.runs)}")
+        status = self._status_after_pending(op.run)
+        if status not in VALID_FROM[op.kind]:
+            raise OpError(f"cannot {op.kind} run {op.run!r}: it is {status}")
+        if op.kind == "clone":
+            op.spec = self._clone_spec(op)
+            op.name = op.spec.name
+
+    def _status_after_pending(self, name: str) -> str:
+        """The run's status once the ops already accepted for it are applied."""
+        status = self.coordinator[name].status
+        for pending in self._rf_pending:
+            if pending.run == name and pending.kind in ("stop", "resume", "delete"):
+                status = {"stop": "stopped", "resume": "running", "delete": "deleted"}[pending.kind]
+        return status
+
+    def _clone_spec(self, op: Op) -> RunSpec:
+        parent = self.coordinator[op.run].spec
+        training, peft_fields = merge_peft_overrides(op.overrides)
+        peft_config = parent.peft_config
+        if peft_fields:
+            if peft_config is None:
+                raise OpError(f"run {op.run!r} has no peft_config to override")
+            unknown = sorted(k for k in peft_fields if k not in {f.name for f in dataclasses.fields(peft_config)})
+            if unknown:
+                raise OpError(f"unknown peft_config field(s) {unknown} for {type(peft_config).__name__}")
+            try:
+                peft_config = dataclasses.replace(copy.deepcopy(peft_config), **peft_fields)
+            except (TypeError, ValueError) as error:
+                raise OpError(f"invalid peft_config override {peft_fields}: {error}") from error
+        taken = set(self.coordinator.runs) | {p.name for p in self._rf_pending if p.kind == "clone"}
+        name = op.name
+        if name is None:
+            index = 1
+            while f"{op.run}-clone-{index}" in taken:
+                index += 1
+            name = f"{op.run}-clone-{index}"
+        elif name in taken:
+            raise OpError(f"a run named {name!r} already exists")
+        config = {**parent.overrides, **training, "name": name, "peft_config": peft_config}
+        runs_dir = self._rf_output_dir / "runs"
+        try:
+            (spec,) = parse_configs([config], self._rf_shared_args, None, self.per_run_fields, lambda n: runs_dir / n)
+        except ValueError as error:
+            raise OpError(str(error).replace("configs[0] ", "clone ")) from error
+        if op.warm_start:
+            before, after = parent.summary, spec.summary
+            for key in ("peft_type", "r", "target_modules"):
+                if before.get(key) != after.get(key):
+                    raise OpError(
+                        f"warm_start needs the parent's adapter shape, but {key} changes from {before.get(key)!r} "
+                        f"to {after.get(key)!r}; clone without warm_start to change it"
+                    )
+        elif op.copy_optimizer:
+            raise OpError("copy_optimizer=True needs warm_start=True (a fresh adapter has no optimizer history)")
+        spec.parent = op.run
+        spec.summary["parent"] = op.run
+        spec.summary["warm_start"] = op.warm_start
+        return spec
+
+    # ------------------------------------------------------------------------------------------- applying
+    def _apply_pending(self) -> None:
+        with self._rf_ops_lock:
+            pending, self._rf_pending = self._rf_pending, []
+            self._rf_interrupt = False
+            for op in pending:
+                self._apply_op(op)
+
+    def _apply_op(self, op: Op) -> None:
+        run = self.coordinator[op.run]
+        if run.status not in VALID_FROM[op.kind]:  # its status changed since the op was accepted (e.g. completed)
+            self._ledger().write(op.run, run.global_step, run.current_chunk, "op_skipped", **op.describe(),
+                                 reason=f"run is {run.status}")  # fmt: skip
+            return
+        self._ledger().write(op.run, run.global_step, run.current_chunk, "op_applied", **op.describe())
+        if op.kind == "stop":
+            run.status = "stopped"
+        elif op.kind == "resume":
+            run.status = "running" if run.attributes else "pending"
+        elif op.kind == "delete":
+            self._free_run(run)
+            run.status = "deleted"
+        else:
+            self._add_clone(op, run)
+            return
+        self._status_event(run, by=op.source)
+
+    def _free_run(self, run: Run) -> None:
+        if self._rf_active is run:
+            self._park(run)
+        optimizer = run.attributes.get("optimizer")
+        if optimizer is not None and optimizer in self.accelerator._optimizers:
+            self.accelerator._optimizers.remove(optimizer)
+        if self.callback_handler.optimizer is optimizer:
+            self.callback_handler.optimizer = self.callback_handler.lr_scheduler = None
+        state = run.attributes.get("state")
+        run.attributes = {"state": state} if state is not None else {}
+        run.trainable, run.pinned, run.boundary_weights, run.rng = [], {}, None, None
+        if isinstance(self.model, PeftModel) and run.spec.adapter_name in self.model.peft_config:
+            self.model.delete_adapter(run.spec.adapter_name)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _add_clone(self, op: Op, parent: Run) -> None:
+        spec: RunSpec = op.spec
+        key = self._data_key(spec.args)
+        if key not in self._rf_datasets:
+            self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
+            self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
+        plan = self._data_plan(spec, key, start_slice=parent.next_slice)
+        set_seed(spec.args.seed)
+        self.model.add_adapter(spec.adapter_name, spec.peft_config)
+        if op.warm_start:
+            self._warm_start(parent, spec)
+        child = Run(spec=spec, plan=plan, data_key=key, next_slice=plan.start_slice)
+        if op.copy_optimizer:
+            optimizer = parent.attributes.get("optimizer")
+            if optimizer is None and self._rf_active is parent:
+                optimizer = self.optimizer
+            child.optimizer_init = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
+        self.coordinator.runs[child.name] = child
+        self._status_event(child, parent=parent.name, warm_start=op.warm_start, by=op.source)
+
+    def _warm_start(self, parent: Run, spec: RunSpec) -> None:
+        """Copy the parent's adapter as of its last boundary into the child's freshly added adapter."""
+        if parent.boundary_weights is None:  # never activated: its last boundary is its initial state
+            source = parent.spec.adapter_name
+            weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if f".{source}." in n}
+        else:
+            weights = parent.boundary_weights
+        params = dict(self.model.named_parameters())
+        old, new = f".{parent.spec.adapter_name}.", f".{spec.adapter_name}."
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name.replace(old, new)].copy_(value)
+
+    def _load_parent_optimizer(self, run: Run) -> None:
+        """`copy_optimizer`: the parent's moments, with the child's own hyper-parameters (lr, schedule) kept."""
+        own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(run.optimizer_init)
+        for group, settings in zip(self.optimizer.param_groups, own):
+            group.update(settings)
+        run.optimizer_init = None
