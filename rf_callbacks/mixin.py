@@ -93,10 +93,17 @@ class MultiConfigMixin(InteractiveMixin):
 
     # ----------------------------------------------------------------------------------------------- building
     def _build_runs(
-        self, specs: list[RunSpec], num_chunks: int, offload: bool | str, control_socket: bool = True
+        self,
+        specs: list[RunSpec],
+        num_chunks: int,
+        offload: bool | str,
+        control_socket: bool = True,
+        dashboard: bool = False,
     ) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists."""
-        self._rf_control_socket = control_socket
+        if dashboard and not control_socket:
+            raise ValueError("dashboard=True needs control_socket=True (the page talks to the training through it)")
+        self._rf_control_socket, self._rf_dashboard = control_socket, dashboard
         self._rf_shared_args = self.args
         self._rf_offload = offload
         self._rf_active: Run | None = None
@@ -271,10 +278,15 @@ class MultiConfigMixin(InteractiveMixin):
             self.model_wrapped = model
         self._rf_progress.open(disable=self._rf_shared_args.disable_tqdm)
         self._rf_training = True
-        server = None
+        server = dashboard = None
         if self._rf_control_socket and self.args.should_save:
             server = ControlServer(self._rf_output_dir / "control.sock", self.handle_request)
             server.start()
+            if self._rf_dashboard:
+                from .dashboard.server import Dashboard
+
+                dashboard = Dashboard(self._rf_output_dir)
+                print(f"rf-callbacks dashboard: {dashboard.start()}", flush=True)
         try:
             while True:
                 self._apply_pending()
@@ -283,6 +295,8 @@ class MultiConfigMixin(InteractiveMixin):
                     break
                 self._train_slice(run, trial, ignore_keys_for_eval)
         finally:
+            if dashboard is not None:
+                dashboard.stop()
             if server is not None:
                 server.stop()
             with self._rf_ops_lock:

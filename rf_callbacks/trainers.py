@@ -106,6 +106,9 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         control_socket (`bool`, *optional*, defaults to `True`):
             While `train()` runs, answer IC ops (stop, resume, delete, clone, ls, status, metrics) on the Unix socket
             `<output_dir>/control.sock` (mode 0600), which the `rf-callbacks` CLI and the dashboard use.
+        dashboard (`bool`, *optional*, defaults to `False`):
+            While `train()` runs, serve the local web dashboard on 127.0.0.1 and print its URL (with its secret
+            token), as `rf-callbacks dashboard --dir <output_dir>` does from another shell.
 
     Usage:
     ```python
@@ -157,6 +160,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         num_chunks: int = 4,
         offload_optimizer: bool | str = True,
         control_socket: bool = True,
+        dashboard: bool = False,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
@@ -197,7 +201,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard)
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.

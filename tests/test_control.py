@@ -141,3 +141,29 @@ def test_fuzz_corpus_gets_error_replies_and_changes_nothing(tokenizer, chat_data
             "c": "running",
         } or all(run.status in ("pending", "running") for run in trainer.runs)
         assert set(trainer.runs.runs) == {"a", "b", "c"}
+
+
+def test_trainer_serves_the_dashboard_while_training(tokenizer, chat_data, sft_args, tmp_path, capsys):
+    import re
+    import urllib.error
+    import urllib.request
+
+    from transformers import TrainerCallback
+
+    trainer = live_trainer(tokenizer, chat_data, sft_args, tmp_path / "out", max_steps=6)
+    trainer._rf_dashboard = True  # what RFSFTTrainer(..., dashboard=True) sets
+    seen = {}
+
+    class Fetch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if "status" not in seen:
+                printed = capsys.readouterr().out
+                seen["url"] = re.search(r"dashboard: (http://127\.0\.0\.1:\d+/\?token=\S+)", printed).group(1)
+                with urllib.request.urlopen(seen["url"], timeout=10) as page:
+                    seen["status"], seen["html"] = page.status, page.read().decode()
+
+    trainer.add_callback(Fetch())
+    trainer.train()
+    assert seen["status"] == 200 and "<html" in seen["html"].lower()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(seen["url"], timeout=2)

@@ -315,6 +315,21 @@ def test_no_training_answers_503_with_the_saved_results(finished, tmp_path):
     assert dashboard.url is None
 
 
+def test_saved_runs_ignore_op_records(tmp_path):
+    """Op records have no step, and a refused op may name no run: neither shows in the saved rows."""
+    lines = [
+        {"run": "x", "step": 0, "chunk": 0, "event": "status", "status": "running"},
+        {"run": "x", "step": 3, "chunk": 0, "event": "log", "loss": 2.5},
+        {"run": "x", "step": None, "chunk": None, "event": "op", "op": "stop", "target": "x", "accepted": True},
+        {"run": "ghost", "step": None, "event": "op", "op": "stop", "target": "ghost", "accepted": False},
+        {"run": "x2", "step": 0, "chunk": 1, "event": "status", "status": "pending", "parent": "x"},
+    ]
+    (tmp_path / "ledger.jsonl").write_text("".join(json.dumps({"time": 0.0, **line}) + "\n" for line in lines))
+    rows = {row["name"]: row for row in Dashboard(tmp_path).saved_runs()}
+    assert set(rows) == {"x", "x2"}
+    assert (rows["x"]["global_step"], rows["x"]["train_loss"], rows["x2"]["parent"]) == (3, 2.5, "x")
+
+
 def test_nan_and_infinity_become_json_strings():
     payload = {"loss": float("nan"), "values": [1.0, float("inf"), -float("inf")], "name": "a"}
     assert _finite(payload) == {"loss": "NaN", "values": [1.0, "Infinity", "-Infinity"], "name": "a"}

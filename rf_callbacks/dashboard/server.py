@@ -148,11 +148,29 @@ class Dashboard:
                     continue
                 if isinstance(row, dict) and isinstance(row.get("name"), str):
                     rows.append(row)
-        parents = {r["run"]: r["parent"] for r in self._ledger() if r.get("event") == "status" and r.get("parent")}
+        # Op records (`op`, `op_applied`, ...) carry no step when issued, and a refused op may name a run that never
+        # existed: the step comes from the run's last other record, and a name seen only in op records is no run.
+        steps: dict[str, int] = {}
+        parents: dict[str, str] = {}
+        for record in self._ledger():
+            name, step = record.get("run"), record.get("step")
+            if not isinstance(name, str) or str(record.get("event", "")).startswith("op"):
+                continue
+            if isinstance(step, int):
+                steps[name] = step
+            if record.get("event") == "status" and record.get("parent"):
+                parents[name] = record["parent"]
+        kept = []
         for row in rows:
-            if not row.get("parent") and row.get("name") in parents:
-                row["parent"] = parents[row["name"]]
-        return rows
+            name = row.get("name")
+            if row.get("max_steps") == "?" and name not in steps:
+                continue
+            if not isinstance(row.get("global_step"), int):
+                row["global_step"] = steps.get(name, 0)
+            if not row.get("parent") and name in parents:
+                row["parent"] = parents[name]
+            kept.append(row)
+        return kept
 
     def saved_metrics(self, run: str | None, last: int) -> dict[str, list[dict[str, Any]]]:
         """The last `last` log records of each run (or of `run`) from `ledger.jsonl`."""
