@@ -160,8 +160,8 @@ def results_from_dir(output_dir: str | os.PathLike, metric: str = "eval_loss") -
     boundaries: dict[str, int] = {}
     for record in records:
         name = record.get("run")
-        if not isinstance(name, str):
-            continue
+        if not isinstance(name, str) or str(record.get("event", "")).startswith("op"):
+            continue  # op records name whatever run was asked for, and carry no step
         row = rows.setdefault(name, {"name": name})
         row["global_step"] = record.get("step", row.get("global_step", 0))
         if record.get("event") == "status":
