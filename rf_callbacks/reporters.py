@@ -82,9 +82,9 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def run_params(run: Run) -> dict[str, Any]:
-    """What a tracking run records as its params: the config summary (PEFT fields and overrides), its parent and
-    the run it was warm-started from (both set for clones, `None` otherwise)."""
-    return {**run.spec.summary, "parent": run.spec.parent, "warm_start": getattr(run.spec, "warm_start", None)}
+    """What a tracking run records as its params: the config summary (PEFT fields and overrides), its parent (clones
+    only, else `None`) and whether it was warm-started from it."""
+    return {"parent": run.spec.parent, "warm_start": False, **run.spec.summary}
 
 
 def experiment_name(output_dir: str | os.PathLike, run_name: str | None) -> str:

@@ -62,6 +62,14 @@ def test_cli_steers_a_live_training(tokenizer, chat_data, sft_args, tmp_path, mo
         time.sleep(0.02)
     assert stat.S_IMODE(os.stat(out / "control.sock").st_mode) == 0o600
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "rf_callbacks.cli", "watch", "--dir", str(out), "--interval", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     started = time.perf_counter()
     listing = cli("ls", "--dir", str(out))
     assert listing.returncode == 0 and "run" in listing.stdout and "a" in listing.stdout
@@ -87,5 +95,7 @@ def test_cli_steers_a_live_training(tokenizer, chat_data, sft_args, tmp_path, mo
     applied = [(r["op"], r["target"], r["by"]) for r in records if r["event"] == "op_applied"]
     assert applied == [("stop", "b", "cli"), ("clone", "a", "cli"), ("delete", "c", "cli")]
     assert not (out / "control.sock").exists()
+    watched, _ = watch.communicate(timeout=30)
+    assert watch.returncode == 0 and "a-lr" in watched and watched.rstrip().endswith("training ended")
     after = cli("stop", "--dir", str(out), "a")
     assert after.returncode != 0 and "no training is running" in after.stderr

@@ -193,3 +193,18 @@ def test_ops_on_finished_runs_are_refused(tokenizer, chat_data, sft_args, tmp_pa
     trainer.train()
     with pytest.raises(OpError, match="cannot stop run 'a': it is completed"):
         trainer.stop("a")
+
+
+def test_clone_can_copy_the_parents_optimizer(tokenizer, chat_data, sft_args, tmp_path):
+    trainer = make_trainer(tokenizer, chat_data, sft_args, tmp_path / "copied", configs=configs()[:1], max_steps=6)
+    trainer.train()
+    parent_state = trainer.runs["a"].attributes["optimizer"].state_dict()
+    child = trainer.clone("a", {"learning_rate": 7e-4}, warm_start=True, copy_optimizer=True)
+    trainer.select_run(child)  # builds its optimizer and scheduler, as its first slice would
+    state = trainer.optimizer.state_dict()
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in state["state"].values()]
+    expected = [(s["exp_avg"], s["exp_avg_sq"]) for s in parent_state["state"].values()]
+    assert moments and all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(moments, expected))
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [7e-4] * len(trainer.optimizer.param_groups)
+    trainer.train()
+    assert trainer.runs[child].status == "completed"

@@ -204,3 +204,36 @@ def test_missing_backend_library_names_the_extra(tokenizer, chat_data, sft_args,
             processing_class=tokenizer,
             configs=[{"name": "a", "peft_config": LoraConfig(r=4, target_modules=["q_proj"])}],
         )
+
+
+def test_mlflow_shows_a_stop_and_a_clone(tokenizer, chat_data, sft_args, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "rf-ops")
+    out = tmp_path / "out"
+    set_seed(0)
+    trainer = RFSFTTrainer(
+        model=build_tiny_model(tokenizer),
+        args=sft_args(output_dir=str(out), max_steps=8, report_to="mlflow"),
+        train_dataset=chat_data[0],
+        processing_class=tokenizer,
+        configs=[{"name": n, "peft_config": LoraConfig(r=4, target_modules=["q_proj"])} for n in ("a", "b")],
+        num_chunks=2,
+    )
+
+    class Steer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer._rf_active.name == "b" and state.global_step == 2:
+                trainer.stop("b")
+                trainer.clone("a", {"learning_rate": 5e-4}, warm_start=True, name="a2")
+
+    trainer.add_callback(Steer())
+    trainer.train()
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rf-ops")
+    runs = {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
+    assert runs["a"].info.status == "FINISHED" and runs["b"].info.status == "KILLED"
+    assert runs["a2"].info.status == "FINISHED"
+    assert runs["a2"].data.tags["rf.parent"] == "a" and runs["a2"].data.params["parent"] == "a"
+    assert runs["a2"].data.params["warm_start"] == "True"
