@@ -95,7 +95,8 @@ def test_cli_steers_a_live_training(tokenizer, chat_data, sft_args, tmp_path, mo
     applied = [(r["op"], r["target"], r["by"]) for r in records if r["event"] == "op_applied"]
     assert applied == [("stop", "b", "cli"), ("clone", "a", "cli"), ("delete", "c", "cli")]
     assert not (out / "control.sock").exists()
-    watched, _ = watch.communicate(timeout=30)
-    assert watch.returncode == 0 and "a-lr" in watched and watched.rstrip().endswith("training ended")
+    watched, complaints = watch.communicate(timeout=30)
+    assert watch.returncode == 0, complaints
+    assert "a-lr" in watched and watched.rstrip().endswith("training ended")
     after = cli("stop", "--dir", str(out), "a")
     assert after.returncode != 0 and "no training is running" in after.stderr

@@ -32,13 +32,16 @@ def request(output_dir: str | os.PathLike, message: dict[str, Any], timeout: flo
             connection.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError) as error:
             raise NoTraining(f"no training is running in {output_dir} ({path.name} does not answer)") from error
-        connection.sendall(json.dumps(message).encode() + b"\n")
         reply = b""
-        while not reply.endswith(b"\n"):
-            chunk = connection.recv(65536)
-            if not chunk:
-                break
-            reply += chunk
+        try:
+            connection.sendall(json.dumps(message).encode() + b"\n")
+            while not reply.endswith(b"\n"):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+        except (ConnectionResetError, BrokenPipeError) as error:  # the server closed as training ended
+            raise NoTraining(f"the training in {output_dir} has ended") from error
     if not reply:
         raise NoTraining(f"the training in {output_dir} closed the connection without answering")
     return json.loads(reply)
