@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .experiment import Experiment
-    from .trainers import RFSFTTrainer
+    from .trainers import RFDPOTrainer, RFGRPOTrainer, RFSFTTrainer
 
-__all__ = ["Experiment", "RFSFTTrainer"]
+__all__ = ["Experiment", "RFDPOTrainer", "RFGRPOTrainer", "RFSFTTrainer"]
 __version__ = "0.1.0"
 
 
@@ -21,6 +21,14 @@ def __getattr__(name: str):
         from .trainers import RFSFTTrainer
 
         return RFSFTTrainer
+    if name == "RFDPOTrainer":
+        from .trainers import RFDPOTrainer
+
+        return RFDPOTrainer
+    if name == "RFGRPOTrainer":
+        from .trainers import RFGRPOTrainer
+
+        return RFGRPOTrainer
     if name == "Experiment":
         from .experiment import Experiment
 

@@ -406,7 +406,7 @@ class MultiConfigMixin(InteractiveMixin):
         """
         plan, args, model = run.plan, self.args, self.model_wrapped
         steps_in_epoch = plan.batches_per_epoch
-        order = epoch_order(plan.num_rows, epoch, self._data_seed(), self._shuffle())
+        order = self._epoch_order(run, epoch)
         if first == 0:
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
             # Plain Trainer's dataloader draws its workers' base seed from the global generator as an epoch starts.
@@ -483,6 +483,11 @@ class MultiConfigMixin(InteractiveMixin):
         for index in batch_indices:
             rows = dataset[run.plan.batch_rows(order, index)]
             yield self.data_collator([dict(zip(rows, values)) for values in zip(*rows.values())])
+
+    def _epoch_order(self, run: Run, epoch: int) -> tuple[int, ...]:
+        """The rows of `epoch` in the order the run's dataloader yields them (overridden by a trainer with its own
+        sampler, such as GRPO's prompt-repeating one)."""
+        return epoch_order(run.plan.num_rows, epoch, self._data_seed(), self._shuffle())
 
     def _data_seed(self) -> int:
         shared = self._rf_shared_args

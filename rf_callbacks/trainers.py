@@ -6,16 +6,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset, IterableDataset
-from peft import PeftConfig
+from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, TrainingArguments
-from trl import SFTConfig, SFTTrainer
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import create_model_from_path
 
 from .adapters import attach_adapters
@@ -251,3 +254,612 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
 
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._total_train_tokens = 0
+
+
+DPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
+    "max_length",
+    "truncation_mode",
+    "pad_to_multiple_of",
+    "beta",
+    "loss_type",
+    "loss_weights",
+    "label_smoothing",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "discopop_tau",
+}
+
+# `DPOTrainer.__init__` copies these from `args` into attributes its loss reads; each run has its own.
+_DPO_LOSS_ATTRIBUTES = (
+    "beta",
+    "loss_types",
+    "loss_weights",
+    "label_smoothing",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+)
+
+
+def _check_preference_dataset(dataset: Any, name: str) -> None:
+    """Refuse, before any work, a data set `DPOTrainer` could only fail on later (or one without a length)."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, value in dataset.items():
+            _check_preference_dataset(value, f"{name}[{key!r}]")
+        return
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(f"{name} is an IterableDataset; chunking needs a datasets.Dataset with a known length")
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    columns = set(dataset.column_names)
+    if not {"chosen", "rejected"} <= columns:
+        raise ValueError(
+            f"{name} has columns {sorted(columns)}, but DPO needs chosen+rejected (and usually prompt): a preference "
+            "data set in TRL's standard or conversational format"
+        )
+
+
+class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
+    """Direct preference optimisation of several LoRA configs at once on one resident base model.
+
+    Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus `configs`, `num_chunks`,
+    `offload_optimizer`, `control_socket` and `dashboard` as [`RFSFTTrainer`] does. Per-run fields are those of
+    `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta, loss_type,
+    loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau, max_length,
+    truncation_mode, pad_to_multiple_of.
+
+    The reference model is the shared base with adapters disabled (every run starts from a fresh adapter, whose model
+    equals the base): no reference copy of the model, and no frozen "ref" adapter, per run. With `ref_model` (a model
+    or a hub id / local path) one reference model serves all runs.
+
+    Usage:
+    ```python
+    trainer = RFDPOTrainer(
+        model=model,
+        args=DPOConfig(output_dir="out", max_steps=100, learning_rate=5e-4),
+        train_dataset=prefs,
+        processing_class=tokenizer,
+        configs=[
+            {"peft_config": LoraConfig(r=8, target_modules="all-linear"), "beta": 0.1},
+            {"peft_config": LoraConfig(r=16, target_modules="all-linear"), "beta": 0.5,
+             "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+        ],
+        num_chunks=4,
+    )
+    trainer.train()
+    ```
+    """
+
+    per_run_fields = DPO_PER_RUN_FIELDS
+    run_attributes = RUN_ATTRIBUTES + ("_metrics", "_total_train_tokens", "data_collator") + _DPO_LOSS_ATTRIBUTES
+    result_metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: str | PreTrainedModel | None = None,
+        args: DPOConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        quantization_config=None,
+        peft_config: PeftConfig | None = None,
+        *,
+        configs: Sequence[dict[str, Any]] | None = None,
+        num_chunks: int = 4,
+        offload_optimizer: bool | str = True,
+        control_socket: bool = True,
+        dashboard: bool = False,
+    ):
+        from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
+
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = DPOConfig(f"{model_name.split('/')[-1]}-DPO")
+        elif not isinstance(args, DPOConfig):
+            as_dict = args.to_dict()
+            as_dict["hub_token"] = args.hub_token
+            args = DPOConfig(**as_dict)
+        for index, config in enumerate(configs or []):
+            for key in config if isinstance(config, dict) else ():
+                if key in DPO_PROCESS_WIDE_REASONS:
+                    name = config.get("name", f"run-{index + 1}")
+                    raise ValueError(
+                        f"configs[{index}] ({name!r}): {key}={config[key]!r} cannot differ per run in one process "
+                        f"({DPO_PROCESS_WIDE_REASONS[key]}); set it in args instead"
+                    )
+        runs_dir = Path(args.output_dir) / "runs"
+        specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
+        validate_dpo_specs(specs)
+        refuse_ref_name(specs)
+        _validate_setup(specs, args, num_chunks, optimizers)
+        if offload_optimizer not in (True, False, "auto"):
+            raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        _check_preference_dataset(train_dataset, "train_dataset")
+        _check_preference_dataset(eval_dataset, "eval_dataset")
+        model = _load_model(model, args, quantization_config)
+        if ref_model is not None:
+            ref_model = _load_model(ref_model, args, quantization_config)
+        guard = contextlib.nullcontext()
+        if any(spec.peft_config is not None for spec in specs):
+            if hasattr(model, "peft_config"):
+                raise ValueError(
+                    "model is already a PeftModel; pass the base model and give each run its peft_config (the trainer "
+                    "adds one adapter per run)"
+                )
+            model = attach_adapters(model, specs)
+            if ref_model is None:
+                guard = no_ref_adapter_copy(model)
+        self._rf_raw = {"train": train_dataset, "eval": eval_dataset}
+        self._rf_user_collator = data_collator is not None
+        with guard:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard)
+
+    def results(self) -> list[dict[str, Any]]:
+        """`RFSFTTrainer.results()` plus the last logged DPO reward metrics (train and eval) of each run."""
+        rows = []
+        for run, row in zip(self.coordinator, super().results()):
+            for key in self.result_metrics:
+                for logged in (key, f"eval_{key}"):
+                    value = run.last_logged(logged)
+                    if value is not None:
+                        row[logged] = value
+            rows.append(row)
+        return rows
+
+    # Per-run data: `max_length` and `truncation_mode` decide which rows `DPOTrainer._prepare_dataset` keeps (with
+    # `keep_start`, rows whose prompt fills `max_length` are dropped), so runs that differ in them get their own copy.
+    def _data_key(self, args) -> tuple:
+        return (args.max_length, args.truncation_mode)
+
+    def _preference_collator(self, args):
+        if self._rf_user_collator or self._is_vision_dataset:
+            return self.data_collator
+        return DataCollatorForPreference(
+            pad_token_id=self._tokenizer.pad_token_id,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+        )
+
+    def _prepare_run_datasets(self, args, key: tuple) -> tuple[Any, Any]:
+        if key == self._data_key(self._rf_shared_args) or self._is_vision_dataset:
+            return self.train_dataset, self.eval_dataset
+        raw_train, raw_eval = self._rf_raw["train"], self._rf_raw["eval"]
+        saved = (self.args, self.data_collator)
+        self.args, self.data_collator = args, self._preference_collator(args)
+        try:
+            train = self._prepare_dataset(raw_train, self.processing_class, args, "train")
+            if isinstance(raw_eval, dict):
+                evals = {name: self._prepare_dataset(data, self.processing_class, args, name) for name, data in
+                         raw_eval.items()}  # fmt: skip
+            elif raw_eval is not None:
+                evals = self._prepare_dataset(raw_eval, self.processing_class, args, "eval")
+            else:
+                evals = None
+            if args.precompute_ref_log_probs:  # from the shared reference: the base, or the given ref_model
+                train_bs = args.precompute_ref_batch_size or args.per_device_train_batch_size
+                eval_bs = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+                train = self._precompute_ref_logps(train, "train", train_bs)
+                if isinstance(evals, dict):
+                    evals = {name: self._precompute_ref_logps(data, name, eval_bs) for name, data in evals.items()}
+                elif evals is not None:
+                    evals = self._precompute_ref_logps(evals, "eval", eval_bs)
+        finally:
+            self.args, self.data_collator = saved
+        return train, evals
+
+    def _init_trainer_run_state(self, run) -> None:
+        from collections import defaultdict
+
+        args = self.args  # the run's own arguments, set by `_init_run_state`
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0
+        self.beta = args.beta
+        self.loss_types = args.loss_type
+        self.loss_weights = args.loss_weights or [1.0] * len(self.loss_types)
+        self.label_smoothing = args.label_smoothing
+        self.ld_alpha = args.ld_alpha
+        self.f_divergence_type = args.f_divergence_type
+        self.f_alpha_divergence_coef = args.f_alpha_divergence_coef
+        self.data_collator = self._preference_collator(args)
+
+
+GRPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
+    "num_generations",
+    "num_generations_eval",
+    "max_completion_length",
+    "steps_per_generation",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "generation_kwargs",
+    "beta",
+    "num_iterations",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "importance_sampling_level",
+    "reward_weights",
+    "scale_rewards",
+    "loss_type",
+    "mask_truncated_completions",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "log_completions",
+    "num_completions_to_print",
+}
+
+# `GRPOTrainer.__init__` copies these from `args` into attributes its generation and loss read; each run has its own,
+# as it has its own generation buffer (`_buffered_inputs`, reused for `steps_per_generation` x `num_iterations`
+# micro-steps), its micro-step counter `_step` (which decides when to generate again), and its metric buffers.
+_GRPO_RUN_ATTRIBUTES = (
+    "_metrics",
+    "_total_train_tokens",
+    "_current_train_step_time",
+    "_step",
+    "_buffered_inputs",
+    "_logs",
+    "num_generations",
+    "num_generations_eval",
+    "max_completion_length",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "generation_config",
+    "generation_kwargs",
+    "beta",
+    "num_iterations",
+    "epsilon_low",
+    "epsilon_high",
+    "importance_sampling_level",
+    "reward_weights",
+    "scale_rewards",
+    "loss_type",
+    "mask_truncated_completions",
+    "top_entropy_quantile",
+    "entropy_coef",
+    "_entropy_bonus_enabled",
+    "_last_world_entropy",
+    "_entropy_window_stats",
+    "log_completions",
+    "num_completions_to_print",
+)
+
+
+def _grpo_epoch_order(
+    num_prompts: int, epoch: int, seed: int, shuffle: bool, prompts_per_batch: int, repeats: int, generations: int
+) -> tuple[int, ...]:
+    """The rows `trl.trainer.utils.RepeatSampler` yields in `epoch`: a permutation drawn from one generator seeded
+    once (so epoch e is its (e+1)-th draw), cut into groups of `prompts_per_batch` prompts (a short last group is
+    dropped), each group repeated `repeats` times, each prompt `generations` times in a row."""
+    if shuffle:
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(epoch + 1):
+            indexes = torch.randperm(num_prompts, generator=generator).tolist()
+    else:
+        indexes = list(range(num_prompts))
+    order = []
+    for start in range(0, num_prompts - prompts_per_batch + 1, prompts_per_batch):
+        group = indexes[start : start + prompts_per_batch]
+        for _ in range(repeats):
+            for index in group:
+                order.extend([index] * generations)
+    return tuple(order)
+
+
+def _check_prompt_dataset(dataset: Any, name: str) -> None:
+    """Refuse, before any work, a data set `GRPOTrainer` could only fail on later (or one without a length)."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, value in dataset.items():
+            _check_prompt_dataset(value, f"{name}[{key!r}]")
+        return
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(f"{name} is an IterableDataset; chunking needs a datasets.Dataset with a known length")
+    if not isinstance(dataset, Dataset):
+        raise ValueError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"{name} has columns {sorted(dataset.column_names)}, but GRPO needs a 'prompt' column")
+
+
+class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
+    """Group relative policy optimisation of several LoRA configs at once on one resident base model.
+
+    Takes every argument of [`~trl.GRPOTrainer`] with the same meaning (reward functions are shared by all runs), plus
+    `configs`, `num_chunks`, `offload_optimizer`, `control_socket` and `dashboard` as [`RFSFTTrainer`] does. Per-run
+    fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations, max_completion_length,
+    steps_per_generation (or generation_batch_size), temperature, top_p, top_k, min_p, repetition_penalty,
+    generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta, importance_sampling_level, reward_weights,
+    scale_rewards, loss_type, mask_truncated_completions, top_entropy_quantile, entropy_coef. Each run's generation
+    batch must be divisible by its num_generations (checked before any work).
+
+    Completions are generated with the active run's adapter. Each run keeps its own generation buffer (reused for
+    `steps_per_generation` x `num_iterations` micro-steps) and its own metrics; they are parked with the run at a
+    chunk boundary. The reference model (for `beta` > 0) is the shared base with adapters disabled.
+    """
+
+    per_run_fields = GRPO_PER_RUN_FIELDS
+    run_attributes = RUN_ATTRIBUTES + _GRPO_RUN_ATTRIBUTES
+    result_metrics = ("reward", "reward_std", "completions/mean_length", "kl")
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs=None,
+        args: GRPOConfig | TrainingArguments | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        reward_processing_classes=None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        quantization_config=None,
+        peft_config: PeftConfig | None = None,
+        *,
+        configs: Sequence[dict[str, Any]] | None = None,
+        num_chunks: int = 4,
+        offload_optimizer: bool | str = True,
+        control_socket: bool = True,
+        dashboard: bool = False,
+    ):
+        import copy
+
+        from .preference import GRPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_grpo_specs
+
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = GRPOConfig(f"{model_name.split('/')[-1]}-GRPO")
+        elif not isinstance(args, GRPOConfig):
+            raise ValueError(f"args must be a trl.GRPOConfig, got {type(args).__name__}")
+        if reward_funcs is None:
+            raise ValueError("reward_funcs is required: one reward function (or model id), or a list of them")
+        num_rewards = len(reward_funcs) if isinstance(reward_funcs, list) else 1
+        # Run arguments are the shared ones with overrides applied, and `GRPOConfig.__post_init__` derives the
+        # generation batch from the batch size and `steps_per_generation` (by default the gradient accumulation): start
+        # each run from the shared values before that derivation, so a run's own batch size or gradient accumulation
+        # give it the generation batch plain `GRPOConfig` would give them.
+        template = copy.copy(args)
+        template.generation_batch_size = None
+        if args.steps_per_generation == args.gradient_accumulation_steps:
+            template.steps_per_generation = None
+        run_configs = None
+        if configs is not None and isinstance(configs, (list, tuple)):
+            run_configs = []
+            for index, config in enumerate(configs):
+                if not isinstance(config, dict):
+                    run_configs.append(config)
+                    continue
+                name = config.get("name", f"run-{index + 1}")
+                where = f"configs[{index}] ({name!r})"
+                for key in config:
+                    if key in GRPO_PROCESS_WIDE_REASONS:
+                        raise ValueError(
+                            f"{where}: {key}={config[key]!r} cannot differ per run in one process "
+                            f"({GRPO_PROCESS_WIDE_REASONS[key]}); set it in args instead"
+                        )
+                config = dict(config)
+                if isinstance(config.get("scale_rewards"), bool):
+                    config["scale_rewards"] = {True: "group", False: "none"}[config["scale_rewards"]]
+                if "generation_batch_size" in config:
+                    size = config.pop("generation_batch_size")
+                    if "steps_per_generation" in config:
+                        raise ValueError(f"{where}: set generation_batch_size or steps_per_generation, not both")
+                    batch = config.get("per_device_train_batch_size", args.per_device_train_batch_size)
+                    batch *= args.world_size
+                    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % batch:
+                        raise ValueError(
+                            f"{where}: generation_batch_size={size!r} is invalid; it must be a positive multiple of "
+                            f"the run's global batch size ({batch})"
+                        )
+                    config["steps_per_generation"] = size // batch
+                run_configs.append(config)
+        runs_dir = Path(args.output_dir) / "runs"
+        specs = parse_configs(
+            run_configs if run_configs is not None else configs,
+            template,
+            peft_config,
+            self.per_run_fields,
+            lambda name: runs_dir / name,
+        )
+        validate_grpo_specs(specs, num_rewards)
+        refuse_ref_name(specs)
+        _validate_setup(specs, args, num_chunks, optimizers)
+        if offload_optimizer not in (True, False, "auto"):
+            raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
+        if train_dataset is None:
+            raise ValueError("train_dataset is required")
+        _check_prompt_dataset(train_dataset, "train_dataset")
+        _check_prompt_dataset(eval_dataset, "eval_dataset")
+        model = _load_model(model, args, quantization_config)
+        guard = contextlib.nullcontext()
+        if any(spec.peft_config is not None for spec in specs):
+            if hasattr(model, "peft_config"):
+                raise ValueError(
+                    "model is already a PeftModel; pass the base model and give each run its peft_config (the trainer "
+                    "adds one adapter per run)"
+                )
+            model = attach_adapters(model, specs)
+            guard = no_ref_adapter_copy(model)
+        with guard:
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                reward_processing_classes=reward_processing_classes,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
+        self._rf_generation_kwargs = dict(getattr(self, "generation_kwargs", None) or {})
+        self._rf_head_temperature = args.temperature
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard)
+        # Clones (IC ops) build their arguments from the shared ones as the configs above were built.
+        self._rf_shared_args = template
+
+    def _activate(self, run) -> None:
+        super()._activate(run)
+        self._patch_lm_head(self.temperature)
+
+    def _patch_lm_head(self, temperature: float) -> None:
+        """`GRPOTrainer.__init__` patches the base model's forward with a fused LM head that divides the logits by
+        `args.temperature` (the log-probs of the loss must match the sampling temperature); with a per-run temperature
+        the head is patched again, on the shared base, when a run with another temperature becomes active."""
+        if temperature == self._rf_head_temperature:
+            return
+        from trl.trainer.utils import add_fused_lm_head
+
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        base.__dict__.pop("forward", None)  # back to the model class's own forward, then patch it afresh
+        cast = self._rf_shared_args.cast_lm_head_to_fp32
+        add_fused_lm_head(base, temperature=temperature, cast_lm_head_to_fp32=cast, outputs=("log_probs", "entropy"))
+        if self.ref_model is not None:
+            self.ref_model.__dict__.pop("forward", None)
+            add_fused_lm_head(self.ref_model, temperature=temperature, cast_lm_head_to_fp32=cast)
+        self._rf_head_temperature = temperature
+
+    def results(self) -> list[dict[str, Any]]:
+        """`RFSFTTrainer.results()` plus each run's last logged reward, reward_std, per-function rewards, mean
+        completion length and KL (train and eval)."""
+        rows = []
+        for run, row in zip(self.coordinator, super().results()):
+            keys = list(self.result_metrics) + [f"rewards/{name}/mean" for name in self.reward_func_names]
+            for key in keys:
+                for logged in (key, f"eval_{key}"):
+                    value = run.last_logged(logged)
+                    if value is not None:
+                        row[logged] = value
+            rows.append(row)
+        return rows
+
+    # A run walks the data as its own `RepeatSampler` would: generation batches of `per_device_train_batch_size x
+    # steps_per_generation` rows, each prompt repeated `num_generations` times, each group of prompts repeated
+    # `steps_per_generation x num_iterations` times (the buffered generation is reused for those micro-steps).
+    def _data_plan(self, spec: RunSpec, key: tuple, start_slice: int = 0):
+        from .chunks import DataPlan
+
+        args = spec.args
+        prompts_per_batch = args.generation_batch_size // args.num_generations
+        repeats = args.num_iterations * args.steps_per_generation
+        num_prompts = len(self._rf_datasets[key][0])
+        if num_prompts < prompts_per_batch:
+            raise ValueError(
+                f"run {spec.name!r}: its generation batch needs {prompts_per_batch} prompts, but the train set has "
+                f"{num_prompts}"
+            )
+        num_rows = (num_prompts // prompts_per_batch) * args.generation_batch_size * repeats
+        return DataPlan.build(
+            num_rows=num_rows,
+            batch_size=args.per_device_train_batch_size * args.steps_per_generation,
+            grad_accum=args.gradient_accumulation_steps,
+            num_chunks=self._rf_num_chunks,
+            max_steps=args.max_steps,
+            num_train_epochs=args.num_train_epochs,
+            drop_last=True,
+            start_slice=start_slice,
+        )
+
+    def _epoch_order(self, run, epoch: int) -> tuple[int, ...]:
+        args = run.args
+        return _grpo_epoch_order(
+            len(self._rf_datasets[run.data_key][0]),
+            epoch,
+            args.seed,
+            self.shuffle_dataset,
+            args.generation_batch_size // args.num_generations,
+            args.num_iterations * args.steps_per_generation,
+            args.num_generations,
+        )
+
+    def _init_trainer_run_state(self, run) -> None:
+        from collections import defaultdict, deque
+
+        from transformers import GenerationConfig
+
+        args = self.args  # the run's own arguments, set by `_init_run_state`
+        self._train_batch_size = args.per_device_train_batch_size
+        self.state.train_batch_size = args.per_device_train_batch_size
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0
+        self._current_train_step_time = 0.0
+        self._step = 0
+        self._buffered_inputs = None
+        size = args.generation_batch_size
+        self._logs = {
+            "images": deque(maxlen=size),
+            "prompt": deque(maxlen=size),
+            "completion": deque(maxlen=size),
+            "rewards": defaultdict(lambda: deque(maxlen=size)),
+            "advantages": deque(maxlen=size),
+            "extra": defaultdict(lambda: deque(maxlen=size)),
+        }
+        self.num_generations = args.num_generations
+        self.num_generations_eval = args.num_generations_eval or args.num_generations
+        self.max_completion_length = args.max_completion_length
+        self.temperature, self.top_p, self.top_k, self.min_p = args.temperature, args.top_p, args.top_k, args.min_p
+        self.repetition_penalty = args.repetition_penalty
+        self.beta = args.beta
+        self.num_iterations = args.num_iterations
+        self.epsilon_low = args.epsilon
+        self.epsilon_high = args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        self.importance_sampling_level = args.importance_sampling_level
+        if args.reward_weights is not None:
+            self.reward_weights = torch.tensor(args.reward_weights, dtype=torch.float32)
+        else:
+            self.reward_weights = torch.ones(len(self.reward_funcs), dtype=torch.float32)
+        self.scale_rewards = args.scale_rewards
+        self.loss_type = args.loss_type
+        self.mask_truncated_completions = args.mask_truncated_completions
+        self.top_entropy_quantile = args.top_entropy_quantile
+        self.entropy_coef = args.entropy_coef  # adapted during training with use_adaptive_entropy: per run
+        self._entropy_bonus_enabled = args.entropy_coef != 0.0 or args.use_adaptive_entropy
+        self._last_world_entropy = float("inf")
+        self._entropy_window_stats = None
+        self.log_completions = args.log_completions
+        self.num_completions_to_print = args.num_completions_to_print
+        # As `GRPOTrainer.__init__` builds it (transformers generation; vLLM is refused per run).
+        kwargs = dict(self._rf_generation_kwargs)
+        kwargs.update(
+            max_new_tokens=args.max_completion_length,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+        )
+        if args.generation_kwargs is not None:
+            kwargs.update(args.generation_kwargs)
+        self.generation_config = GenerationConfig(**kwargs, disable_compile=True)
+        self.generation_kwargs = kwargs

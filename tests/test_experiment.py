@@ -212,7 +212,7 @@ def test_errors_come_before_any_model_is_created(rows, tmp_path):
     formatted = RFModelConfig(**{**vars(leaf), "formatting_func": to_prompt_completion})
     with pytest.raises(ValueError, match="num_chunks=9 is more than run 'run-1' has optimizer steps per epoch \\(8"):
         experiment.run_fit(formatted, create_model, train_dataset, num_chunks=9)
-    with pytest.raises(NotImplementedError, match="RFDPOTrainer"):
+    with pytest.raises(ValueError, match="DPO needs one of: prompt\\+chosen\\+rejected"):  # RFDPOTrainer exists now
         experiment.run_fit(
             RFGridSearch(RFModelConfig(model_name="tiny"), trainer_type="DPO"), create_model, train_dataset
         )
