@@ -1,11 +1,15 @@
 """Rotation overhead: 4 LoRA configs x 8 chunks through `RFSFTTrainer` vs the same 4 configs one after another with
-plain `SFTTrainer` in the same process (each loading the model from disk, as a user's loop would).
+plain `SFTTrainer` in the same process (each loading the model from disk, as a user's loop would). `--trainer dpo`
+and `--trainer grpo` compare `RFDPOTrainer`/`RFGRPOTrainer` with plain `DPOTrainer`/`GRPOTrainer` the same way
+(bundled preference pairs; numeric prompts with a verifiable reward).
 
 Reports the wall-time ratio, the time spent swapping runs at a boundary as a share of the chunk's training time, and
 the peak RSS of 1 vs 8 configs (each measured in its own subprocess). Runs on a CPU in a few minutes:
 
     python benchmarks/rotation_overhead.py                     # defaults below
     python benchmarks/rotation_overhead.py --hidden 512 --layers 8
+    python benchmarks/rotation_overhead.py --trainer dpo --steps 32 --skip-rss
+    python benchmarks/rotation_overhead.py --trainer grpo --steps 16 --skip-rss
 
 Neither side evaluates (no eval set): this measures training plus the cost of rotating, not evaluation. The last line
 of stdout is one JSON object with every number.
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -32,11 +37,12 @@ import torch  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
-from rf_callbacks import RFSFTTrainer  # noqa: E402
-from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets  # noqa: E402
+from rf_callbacks import RFDPOTrainer, RFGRPOTrainer, RFSFTTrainer  # noqa: E402
+from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets, load_instructions  # noqa: E402
 from rf_callbacks.mixin import MultiConfigMixin  # noqa: E402
+from rf_callbacks.preference import load_preferences  # noqa: E402
 
 hf_logging.set_verbosity_error()
 
@@ -53,8 +59,45 @@ def configs(count: int) -> list[dict]:
     ]
 
 
-def sft_args(output_dir: str, max_steps: int, batch_size: int, **overrides) -> SFTConfig:
-    return SFTConfig(
+NUMBER = re.compile(r"-?\d+")
+
+
+def says_a_number(completions, **kwargs) -> list[float]:
+    """A verifiable format reward: 1 when the completion holds a number."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [1.0 if NUMBER.search(text) else 0.0 for text in texts]
+
+
+def numeric_prompts():
+    from datasets import Dataset
+
+    rows = [
+        {"prompt": [{"role": "user", "content": row["instruction"]}]}
+        for row in load_instructions()
+        if NUMBER.search(row["response"]) and NUMBER.search(row["instruction"])
+    ]
+    return Dataset.from_list(rows)
+
+
+# Per trainer: (config class, plain trainer, rf trainer, train data, extra trainer kwargs, extra config fields)
+TRAINERS = {
+    "sft": (SFTConfig, SFTTrainer, RFSFTTrainer, lambda: demo_datasets()[0], {}, {}),
+    "dpo": (DPOConfig, DPOTrainer, RFDPOTrainer, load_preferences, {}, {}),
+    "grpo": (
+        GRPOConfig,
+        GRPOTrainer,
+        RFGRPOTrainer,
+        numeric_prompts,
+        {"reward_funcs": [says_a_number]},
+        {"num_generations": 4, "max_completion_length": 16, "steps_per_generation": 2},
+    ),
+}
+KIND = "sft"
+
+
+def sft_args(output_dir: str, max_steps: int, batch_size: int, **overrides):
+    config_class, *_, extra_fields = TRAINERS[KIND]
+    return config_class(
         output_dir=output_dir,
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
@@ -65,6 +108,7 @@ def sft_args(output_dir: str, max_steps: int, batch_size: int, **overrides) -> S
         save_strategy="no",
         disable_tqdm=True,
         seed=0,
+        **extra_fields,
         **overrides,
     )
 
@@ -78,12 +122,14 @@ def run_plain(model_dir: str, tokenizer, train, work: str, steps: int, batch: in
         set_seed(0)
         setup_started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(model_dir)
-        trainer = SFTTrainer(
+        plain_class, extra = TRAINERS[KIND][1], TRAINERS[KIND][4]
+        trainer = plain_class(
             model=model,
             args=sft_args(f"{work}/plain-{config['name']}", steps, batch, learning_rate=config["learning_rate"]),
             train_dataset=train,
             processing_class=tokenizer,
             peft_config=config["peft_config"],
+            **extra,
         )
         PLAIN_SETUP.append(time.perf_counter() - setup_started)
         trainer.train()
@@ -122,13 +168,15 @@ class SwapTimer:
 def run_rotation(model_dir: str, tokenizer, train, work: str, steps: int, batch: int, count: int, chunks: int):
     started = time.perf_counter()
     set_seed(0)
-    trainer = RFSFTTrainer(
+    rf_class, extra = TRAINERS[KIND][2], TRAINERS[KIND][4]
+    trainer = rf_class(
         model=AutoModelForCausalLM.from_pretrained(model_dir),
         args=sft_args(f"{work}/rotation-{count}", steps, batch, learning_rate=1e-3),
         train_dataset=train,
         processing_class=tokenizer,
         configs=configs(count),
         num_chunks=chunks,
+        **extra,
     )
     trainer.train()
     return time.perf_counter() - started, trainer
@@ -136,8 +184,10 @@ def run_rotation(model_dir: str, tokenizer, train, work: str, steps: int, batch:
 
 def peak_rss_child(args) -> None:
     """Subprocess entry: train `args.rss_child` configs and print this process's peak RSS in MiB."""
+    global KIND
+    KIND = args.trainer
     tokenizer = build_tokenizer()
-    train, _ = demo_datasets()
+    train = TRAINERS[KIND][3]()
     with tempfile.TemporaryDirectory() as work:
         run_rotation(args.model_dir, tokenizer, train, work, args.steps, args.batch, args.rss_child, args.chunks)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -146,7 +196,7 @@ def peak_rss_child(args) -> None:
 def measure_rss(args, count: int) -> float:
     command = [sys.executable, __file__, "--rss-child", str(count), "--model-dir", args.model_dir]
     command += ["--steps", str(max(args.steps // 4, args.chunks)), "--batch", str(args.batch)]
-    command += ["--chunks", str(args.chunks)]
+    command += ["--chunks", str(args.chunks), "--trainer", args.trainer]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])["peak_rss_mib"]
 
@@ -160,14 +210,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=58, help="optimizer steps per config")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="alternating plain/rotation pairs; medians reported")
+    parser.add_argument("--trainer", choices=sorted(TRAINERS), default="sft")
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 1 vs 8 configs peak-RSS subprocesses")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         return peak_rss_child(args)
 
+    global KIND
+    KIND = args.trainer
     tokenizer = build_tokenizer()
-    train, _ = demo_datasets()
+    train = TRAINERS[KIND][3]()
     with tempfile.TemporaryDirectory() as work:
         model = build_tiny_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers)
         params = sum(p.numel() for p in model.parameters())
@@ -190,13 +244,15 @@ def main() -> None:
             )
             rotation_times.append(rotation_s)
         plain_s, rotation_s = statistics.median(plain_times), statistics.median(rotation_times)
-        rss_1 = measure_rss(args, 1)
-        rss_8 = measure_rss(args, 8)
+        rss_1 = rss_8 = None
+        if not args.skip_rss:
+            rss_1, rss_8 = measure_rss(args, 1), measure_rss(args, 8)
 
     swap_ms = 1000 * sum(timer.swaps) / max(len(timer.swaps), 1)
     slice_ms = 1000 * sum(timer.slices) / max(len(timer.slices), 1)
     result = {
         "benchmark": "rotation_overhead",
+        "trainer": args.trainer,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "model_params": params,
         "configs": args.configs,
@@ -214,23 +270,29 @@ def main() -> None:
         "slice_ms": round(slice_ms, 1),
         "swap_pct_of_chunk": round(100 * swap_ms / slice_ms, 3),
         "first_activation_ms": round(1000 * sum(timer.setups) / max(len(timer.setups), 1), 2),
-        "peak_rss_1_config_mib": round(rss_1, 1),
-        "peak_rss_8_configs_mib": round(rss_8, 1),
-        "rss_ratio_8_vs_1": round(rss_8 / rss_1, 3),
+        "peak_rss_1_config_mib": rss_1 and round(rss_1, 1),
+        "peak_rss_8_configs_mib": rss_8 and round(rss_8, 1),
+        "rss_ratio_8_vs_1": rss_1 and round(rss_8 / rss_1, 3),
         "all_completed": all(row["status"] == "completed" for row in trainer.results()),
     }
     rows = [
-        ("plain SFTTrainer, configs one after another (median)", f"{plain_s:.2f} s"),
-        (f"RFSFTTrainer, {args.configs} configs x {args.chunks} chunks (median)", f"{rotation_s:.2f} s"),
+        (f"plain {TRAINERS[KIND][1].__name__}, configs one after another (median)", f"{plain_s:.2f} s"),
+        (
+            f"{TRAINERS[KIND][2].__name__}, {args.configs} configs x {args.chunks} chunks (median)",
+            f"{rotation_s:.2f} s",
+        ),
         ("wall ratio (target <= 0.9)", f"{result['wall_ratio']:.3f}"),
-        ("plain: model load + SFTTrainer setup per config", f"{result['plain_setup_per_config_s']:.2f} s"),
+        ("plain: model load + trainer setup per config", f"{result['plain_setup_per_config_s']:.2f} s"),
         (f"swap per boundary ({len(timer.swaps)} swaps)", f"{swap_ms:.2f} ms"),
         ("training time per (run, chunk) slice", f"{slice_ms:.1f} ms"),
         ("swap as % of chunk time (target <= 1%)", f"{result['swap_pct_of_chunk']:.3f} %"),
-        ("peak RSS, 1 config", f"{rss_1:.0f} MiB"),
-        ("peak RSS, 8 configs", f"{rss_8:.0f} MiB"),
-        ("RSS ratio 8 vs 1 (target <= 1.2)", f"{result['rss_ratio_8_vs_1']:.3f}"),
     ]
+    if rss_1 is not None:
+        rows += [
+            ("peak RSS, 1 config", f"{rss_1:.0f} MiB"),
+            ("peak RSS, 8 configs", f"{rss_8:.0f} MiB"),
+            ("RSS ratio 8 vs 1 (target <= 1.2)", f"{result['rss_ratio_8_vs_1']:.3f}"),
+        ]
     width = max(len(label) for label, _ in rows)
     print(f"model: {params / 1e6:.2f}M parameters (hidden {args.hidden}, {args.layers} layers), fp32, CPU")
     for label, value in rows:
