@@ -36,7 +36,11 @@ SFT_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
 }
 
 
-def _validate_setup(specs: list[RunSpec], args: TrainingArguments, num_chunks: Any, optimizers: tuple) -> None:
+def _validate_setup(
+    specs: list[RunSpec], args: TrainingArguments, num_chunks: Any, optimizers: tuple, offload_optimizer: Any
+) -> None:
+    if offload_optimizer not in (True, False, "auto"):
+        raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r} is invalid; it must be an int >= 1")
     if len(specs) > 1 and any(item is not None for item in optimizers):
@@ -46,6 +50,27 @@ def _validate_setup(specs: list[RunSpec], args: TrainingArguments, num_chunks: A
         )
     if len(specs) > 1 and args.load_best_model_at_end:
         raise ValueError("load_best_model_at_end=True is not supported with several runs; compare runs with results()")
+
+
+def _coerce_args(model: Any, args: TrainingArguments | None, config_class: type, suffix: str) -> TrainingArguments:
+    """As TRL does: `<model name>-<suffix>` as output dir when `args` is None; `TrainingArguments` converted."""
+    if args is None:
+        model_name = model if isinstance(model, str) else model.config._name_or_path
+        return config_class(f"{model_name.split('/')[-1]}-{suffix}")
+    if isinstance(args, config_class):
+        return args
+    as_dict = args.to_dict()
+    as_dict["hub_token"] = args.hub_token
+    return config_class(**as_dict)
+
+
+def _attach_run_adapters(model: PreTrainedModel, specs: list[RunSpec]) -> PreTrainedModel:
+    if hasattr(model, "peft_config"):
+        raise ValueError(
+            "model is already a PeftModel; pass the base model and give each run its peft_config (the trainer adds "
+            "one adapter per run)"
+        )
+    return attach_adapters(model, specs)
 
 
 def _load_model(model: str | PreTrainedModel, args: TrainingArguments, quantization_config) -> PreTrainedModel:
@@ -165,30 +190,17 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         control_socket: bool = True,
         dashboard: bool = False,
     ):
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = SFTConfig(f"{model_name.split('/')[-1]}-SFT")
-        elif not isinstance(args, SFTConfig):
-            as_dict = args.to_dict()
-            as_dict["hub_token"] = args.hub_token
-            args = SFTConfig(**as_dict)
+        args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
         specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
-        _validate_setup(specs, args, num_chunks, optimizers)
-        if offload_optimizer not in (True, False, "auto"):
-            raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
+        _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer)
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         _check_sft_dataset(train_dataset, "train_dataset", args, formatting_func)
         _check_sft_dataset(eval_dataset, "eval_dataset", args, formatting_func)
         model = _load_model(model, args, quantization_config)
         if any(spec.peft_config is not None for spec in specs):
-            if hasattr(model, "peft_config"):
-                raise ValueError(
-                    "model is already a PeftModel; pass the base model and give each run its peft_config (the trainer "
-                    "adds one adapter per run)"
-                )
-            model = attach_adapters(model, specs)
+            model = _attach_run_adapters(model, specs)
         self._rf_raw = {"train": train_dataset, "eval": eval_dataset, "formatting_func": formatting_func}
         super().__init__(
             model=model,
@@ -362,13 +374,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     ):
         from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
 
-        if args is None:
-            model_name = model if isinstance(model, str) else model.config._name_or_path
-            args = DPOConfig(f"{model_name.split('/')[-1]}-DPO")
-        elif not isinstance(args, DPOConfig):
-            as_dict = args.to_dict()
-            as_dict["hub_token"] = args.hub_token
-            args = DPOConfig(**as_dict)
+        args = _coerce_args(model, args, DPOConfig, "DPO")
         for index, config in enumerate(configs or []):
             for key in config if isinstance(config, dict) else ():
                 if key in DPO_PROCESS_WIDE_REASONS:
@@ -381,9 +387,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
         validate_dpo_specs(specs)
         refuse_ref_name(specs)
-        _validate_setup(specs, args, num_chunks, optimizers)
-        if offload_optimizer not in (True, False, "auto"):
-            raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
+        _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer)
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         _check_preference_dataset(train_dataset, "train_dataset")
@@ -393,12 +397,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
             ref_model = _load_model(ref_model, args, quantization_config)
         guard = contextlib.nullcontext()
         if any(spec.peft_config is not None for spec in specs):
-            if hasattr(model, "peft_config"):
-                raise ValueError(
-                    "model is already a PeftModel; pass the base model and give each run its peft_config (the trainer "
-                    "adds one adapter per run)"
-                )
-            model = attach_adapters(model, specs)
+            model = _attach_run_adapters(model, specs)
             if ref_model is None:
                 guard = no_ref_adapter_copy(model)
         self._rf_raw = {"train": train_dataset, "eval": eval_dataset}
@@ -694,9 +693,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         )
         validate_grpo_specs(specs, num_rewards)
         refuse_ref_name(specs)
-        _validate_setup(specs, args, num_chunks, optimizers)
-        if offload_optimizer not in (True, False, "auto"):
-            raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
+        _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer)
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         _check_prompt_dataset(train_dataset, "train_dataset")
@@ -704,12 +701,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         model = _load_model(model, args, quantization_config)
         guard = contextlib.nullcontext()
         if any(spec.peft_config is not None for spec in specs):
-            if hasattr(model, "peft_config"):
-                raise ValueError(
-                    "model is already a PeftModel; pass the base model and give each run its peft_config (the trainer "
-                    "adds one adapter per run)"
-                )
-            model = attach_adapters(model, specs)
+            model = _attach_run_adapters(model, specs)
             guard = no_ref_adapter_copy(model)
         with guard:
             super().__init__(
