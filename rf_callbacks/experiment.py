@@ -176,6 +176,12 @@ class Experiment:
             kwargs["compute_metrics"] = ref.compute_metrics  # transformers' logits-based contract
         if trainer_type == "GRPO":
             kwargs["reward_funcs"] = ref.reward_funcs
+        if trainer_type == "DPO" and ref.ref_model_name:  # one reference model shared by the whole group
+            from transformers import AutoModelForCausalLM
+
+            kwargs["ref_model"] = AutoModelForCausalLM.from_pretrained(
+                ref.ref_model_name, **(ref.ref_model_kwargs or {})
+            )
         trainer = self._trainer = trainer_cls(**kwargs)
         per_run = {
             m.name: (m.leaf.compute_metrics, m.leaf.generation_config)

@@ -221,3 +221,35 @@ def test_errors_come_before_any_model_is_created(rows, tmp_path):
             [formatted, RFModelConfig(**{**vars(formatted), "peft_config": None})], create_model, train_dataset
         )
     assert create_model.calls == [] and experiment.get_runs_info().empty and experiment.get_results().empty
+
+
+def test_dpo_group_shares_one_reference_model_from_ref_model_name(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from rf_callbacks.automl import RFDPOConfig
+    from rf_callbacks.preference import load_preferences
+
+    reference_dir = tmp_path / "reference"
+    build_tiny_model(build_tokenizer(), seed=99).save_pretrained(reference_dir)
+    loaded = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(name, *args, **kwargs):
+        loaded.append(str(name))
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    leaf = RFModelConfig(
+        model_name="tiny",
+        ref_model_name=str(reference_dir),
+        peft_config=RFLoraConfig(r=4, **LORA),
+        training_args=RFDPOConfig(
+            max_steps=4, per_device_train_batch_size=8, beta=List([0.1, 0.5]), disable_tqdm=True
+        ),
+    )
+    experiment = Experiment("dpo-ref", experiment_path=str(tmp_path))
+    experiment.run_fit(RFGridSearch(leaf, trainer_type="DPO"), ModelFactory(), load_preferences().select(range(64)))
+    info = experiment.get_runs_info()
+    assert list(info["status"]) == ["completed", "completed"]
+    assert loaded == [str(reference_dir)]  # one reference model for the whole group
+    experiment.end()

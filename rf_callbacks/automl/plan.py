@@ -176,6 +176,7 @@ class Group:
             and leaf.formatting_func is ref.formatting_func
             and hf_metrics(leaf) is hf_metrics(ref)
             and (trainer_type != "GRPO" or _same(leaf.reward_funcs, ref.reward_funcs))
+            and (leaf.ref_model_name, _same(leaf.ref_model_kwargs, ref.ref_model_kwargs)) == (ref.ref_model_name, True)
             and getattr(leaf.peft_config, "peft_type", None) == getattr(ref.peft_config, "peft_type", None)
             and type(member.args) is type(self.ref.args)
             and all(_same(getattr(member.args, key), getattr(self.ref.args, key)) for key in shared_fields)
@@ -249,8 +250,8 @@ def plan_jobs(
             "every leaf needs a peft_config when there are several: runs are adapters on one shared base model "
             "(a leaf without one would fine-tune, and change, the base of the others)"
         )
-    if trainer_type == "DPO" and any(leaf.ref_model_name for leaf in leaves):
-        raise ValueError("ref_model_name is not supported: with LoRA the reference is the base, adapters disabled")
+    if trainer_type != "DPO" and any(leaf.ref_model_name for leaf in leaves):
+        raise ValueError(f"ref_model_name is only used by trainer_type='DPO', got it with {trainer_type!r}")
     data: dict[int, tuple[Any, Any]] = {}
     for leaf in leaves:
         func = leaf.formatting_func
