@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,6 @@ import torch
 from accelerate.utils import DistributedType
 from peft import PeftModel
 from transformers import ProgressCallback, TrainerControl, TrainerState
-from transformers.integrations import get_available_reporting_integrations
-from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import TrainOutput, speed_metrics
 
@@ -47,9 +44,10 @@ from .parking import (
     should_offload,
 )
 from .progress import RunsProgressCallback
-from .reporters import REPORTERS, Reporter, check_backends, make_reporters
-from .reporting import Ledger, LogEventsCallback, write_json_atomic, write_run_json
+from .reporters import Reporter
+from .reporting import Ledger, LogEventsCallback
 from .run import Run
+from .tracking import TrackingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ RUN_ATTRIBUTES = (
 )
 
 
-class MultiConfigMixin(InteractiveMixin):
+class MultiConfigMixin(InteractiveMixin, TrackingMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
     Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
@@ -82,14 +80,6 @@ class MultiConfigMixin(InteractiveMixin):
     """
 
     run_attributes: tuple[str, ...] = RUN_ATTRIBUTES
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        # Checked before the TRL trainer's `__init__` builds transformers' integration callbacks, whose error for a
-        # missing library does not name the rf-callbacks extra that installs it.
-        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        if training_args is not None:
-            check_backends(training_args.report_to or [])
-        super().__init__(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- building
     def _build_runs(
@@ -150,27 +140,6 @@ class MultiConfigMixin(InteractiveMixin):
             drop_last=args.dataloader_drop_last,
             start_slice=start_slice,
         )
-
-    def _claim_reporting(self, num_runs: int) -> list[str]:
-        """Take over the `report_to` backends rf-callbacks drives per run; disable the rest when runs would mix."""
-        names = [name for name in (self.args.report_to or []) if name != "none"]
-        if names == ["all"]:
-            names = get_available_reporting_integrations()
-        claimed = [name for name in names if name in REPORTERS]
-        for name in names:
-            integration = INTEGRATION_TO_CALLBACK.get(name)
-            if integration is None:
-                continue
-            if name in claimed:
-                self.callback_handler.remove_callback(integration)
-            elif num_runs > 1:
-                warnings.warn(
-                    f"report_to={name!r}: {integration.__name__} assumes one run per process and would mix all runs "
-                    "into one tracking run; it is disabled. Every run's metrics are in <output_dir>/ledger.jsonl.",
-                    stacklevel=3,
-                )
-                self.callback_handler.remove_callback(integration)
-        return claimed
 
     def _data_key(self, args) -> tuple:
         """Settings that change a run's prepared data; runs with equal keys share one tokenized data set."""
@@ -305,54 +274,6 @@ class MultiConfigMixin(InteractiveMixin):
             self._rf_progress.close()
             self._rf_ledger.sync()
         return self._train_output()
-
-    def close(self) -> None:
-        """Close the reporters' tracking runs and the ledger; call it when done with the trainer."""
-        for reporter in self._rf_reporters:
-            reporter.close()
-        if self._rf_ledger is not None:
-            self._rf_ledger.close()
-            self._rf_ledger = None
-
-    def _ledger(self) -> Ledger:
-        if self._rf_ledger is None:
-            self._open_experiment()
-        return self._rf_ledger
-
-    def _open_experiment(self) -> None:
-        self._rf_output_dir.mkdir(parents=True, exist_ok=True)
-        if self._rf_ledger is None:
-            path = self._rf_output_dir / "ledger.jsonl"
-            first = not self._rf_started
-            if first and path.exists():  # a previous experiment's ledger: keep it, under its own name
-                path.rename(path.with_name(f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
-            self._rf_ledger = Ledger(path)
-            if first:
-                args = self._rf_shared_args
-                self._rf_reporters = make_reporters(self._rf_report_to, self._rf_output_dir, args.run_name)
-            self._rf_started = True
-        write_json_atomic(self._rf_output_dir / "experiment.json", self._experiment_info())
-
-    def _experiment_info(self) -> dict[str, Any]:
-        import peft
-        import transformers
-        import trl
-
-        shared = self._rf_shared_args
-        return {
-            "trainer": type(self).__name__,
-            "num_chunks": next(iter(self.coordinator)).plan.num_chunks,
-            "seed": shared.seed,
-            "data_seed": shared.data_seed,
-            "train_sampling_strategy": shared.train_sampling_strategy,
-            "runs": [run.result() for run in self.coordinator],
-            "versions": {
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "trl": trl.__version__,
-                "peft": peft.__version__,
-            },
-        }
 
     def _train_slice(self, run: Run, trial, ignore_keys_for_eval) -> None:
         """Train one (run, slice), or the rest of it, then handle what follows: a boundary, the run's end, or an op
@@ -538,25 +459,6 @@ class MultiConfigMixin(InteractiveMixin):
         run.status, run.error = "failed", reason
         run.rng = capture_rng()
         self._status_event(run, error=reason)
-
-    def _on_log(self, logs: dict[str, Any]) -> None:
-        run = self._rf_active
-        if run is None or self._rf_ledger is None:
-            return
-        step, chunk = self.state.global_step, run.current_chunk
-        self._rf_ledger.write(run.name, step, chunk, "log", epoch_index=run.current_epoch, **logs)
-        for reporter in self._rf_reporters:
-            reporter.log(run, step, chunk, logs)
-
-    def _status_event(self, run: Run, **extra: Any) -> None:
-        self._rf_ledger.write(run.name, run.global_step, run.current_chunk, "status", status=run.status, **extra)
-        for reporter in self._rf_reporters:
-            if run.status == "running":
-                reporter.start(run)
-            elif run.status in ("completed", "failed", "stopped", "deleted"):
-                reporter.finish(run)
-        if self.args.should_save:
-            write_run_json(run, run.args.output_dir)
 
     def _train_output(self) -> TrainOutput:
         runs = list(self.coordinator)
