@@ -86,29 +86,34 @@ def _load_model(model: str | PreTrainedModel, args: TrainingArguments, quantizat
     return create_model_from_path(model, **kwargs)
 
 
-def _check_sft_dataset(dataset: Any, name: str, args: SFTConfig, formatting_func: Callable | None) -> None:
-    """Refuse, before any work, a data set `SFTTrainer` could only fail on later (or one without a length)."""
+def _datasets(dataset: Any, name: str) -> list[tuple[str, Dataset]]:
+    """The `(name, data set)` pairs to check, refusing what cannot be chunked (no length, not a Dataset, empty)."""
     if dataset is None:
-        return
+        return []
     if isinstance(dataset, dict):
-        for key, value in dataset.items():
-            _check_sft_dataset(value, f"{name}[{key!r}]", args, formatting_func)
-        return
+        return [pair for key, value in dataset.items() for pair in _datasets(value, f"{name}[{key!r}]")]
     if isinstance(dataset, IterableDataset):
         raise ValueError(f"{name} is an IterableDataset; chunking needs a datasets.Dataset with a known length")
     if not isinstance(dataset, Dataset):
         raise ValueError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty")
-    if formatting_func is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
-        return
-    columns = set(dataset.column_names)
-    accepted = [{args.dataset_text_field}, {"messages"}, {"conversations"}, {"prompt", "completion"}, {"input_ids"}]
-    if not any(needed <= columns for needed in accepted):
-        wanted = ", ".join("+".join(sorted(needed)) for needed in accepted)
-        raise ValueError(
-            f"{name} has columns {sorted(columns)}, but SFT needs one of: {wanted} (or pass formatting_func=)"
-        )
+    return [(name, dataset)]
+
+
+def _check_sft_dataset(dataset: Any, name: str, args: SFTConfig, formatting_func: Callable | None) -> None:
+    """Refuse, before any work, a data set `SFTTrainer` could only fail on later (or one without a length)."""
+    for label, data in _datasets(dataset, name):
+        if formatting_func is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+            continue
+        columns = set(data.column_names)
+        accepted = [{args.dataset_text_field}, {"messages"}, {"conversations"}, {"prompt", "completion"}]
+        accepted.append({"input_ids"})
+        if not any(needed <= columns for needed in accepted):
+            wanted = ", ".join("+".join(sorted(needed)) for needed in accepted)
+            raise ValueError(
+                f"{label} has columns {sorted(columns)}, but SFT needs one of: {wanted} (or pass formatting_func=)"
+            )
 
 
 class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
@@ -296,24 +301,13 @@ _DPO_LOSS_ATTRIBUTES = (
 
 def _check_preference_dataset(dataset: Any, name: str) -> None:
     """Refuse, before any work, a data set `DPOTrainer` could only fail on later (or one without a length)."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, value in dataset.items():
-            _check_preference_dataset(value, f"{name}[{key!r}]")
-        return
-    if isinstance(dataset, IterableDataset):
-        raise ValueError(f"{name} is an IterableDataset; chunking needs a datasets.Dataset with a known length")
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty")
-    columns = set(dataset.column_names)
-    if not {"chosen", "rejected"} <= columns:
-        raise ValueError(
-            f"{name} has columns {sorted(columns)}, but DPO needs chosen+rejected (and usually prompt): a preference "
-            "data set in TRL's standard or conversational format"
-        )
+    for label, data in _datasets(dataset, name):
+        columns = set(data.column_names)
+        if not {"chosen", "rejected"} <= columns:
+            raise ValueError(
+                f"{label} has columns {sorted(columns)}, but DPO needs chosen+rejected (and usually prompt): a "
+                "preference data set in TRL's standard or conversational format"
+            )
 
 
 class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
@@ -576,20 +570,9 @@ def _grpo_epoch_order(
 
 def _check_prompt_dataset(dataset: Any, name: str) -> None:
     """Refuse, before any work, a data set `GRPOTrainer` could only fail on later (or one without a length)."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, value in dataset.items():
-            _check_prompt_dataset(value, f"{name}[{key!r}]")
-        return
-    if isinstance(dataset, IterableDataset):
-        raise ValueError(f"{name} is an IterableDataset; chunking needs a datasets.Dataset with a known length")
-    if not isinstance(dataset, Dataset):
-        raise ValueError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty")
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"{name} has columns {sorted(dataset.column_names)}, but GRPO needs a 'prompt' column")
+    for label, data in _datasets(dataset, name):
+        if "prompt" not in data.column_names:
+            raise ValueError(f"{label} has columns {sorted(data.column_names)}, but GRPO needs a 'prompt' column")
 
 
 class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
