@@ -21,6 +21,7 @@ the runs table of `get_runs_info()`.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import os
@@ -94,6 +95,7 @@ class Experiment:
         *,
         num_shards: int | None = None,
         param_config: Any = None,
+        policies: list | None = None,
     ) -> None:
         """Train every leaf of `config_group` (an `RFGridSearch`/`RFRandomSearch`, or configs for a grid search).
 
@@ -105,6 +107,8 @@ class Experiment:
             num_chunks (`int`, *optional*, defaults to `4`): Chunks per epoch (`num_shards=` is an alias).
             seed (`int`, *optional*, defaults to `42`): `seed` of every leaf whose training_args set none; with it,
                 the data order of a group (its first leaf's `data_seed`, else `seed`).
+            policies (`list[Policy]`, *optional*): Automatic decisions at chunk boundaries (`rf_callbacks.policies`);
+                each group of runs trained together gets its own copy.
         """
         from .automl.plan import plan_jobs
         from .automl.search import RFGridSearch, _Search
@@ -147,6 +151,7 @@ class Experiment:
                 base = job.group.base
             kwargs = dict(model=model, args=job.args, train_dataset=job.train, eval_dataset=job.eval)
             kwargs.update(processing_class=tokenizer, configs=job.configs, num_chunks=num_chunks)
+            kwargs["policies"] = copy.deepcopy(policies)
             model = self._train_group(trainer_cls, search.trainer_type, job.group, job.folder, kwargs)
         model = tokenizer = None
         self._free()

@@ -84,7 +84,7 @@ class InteractiveMixin:
             if self._rf_training:
                 self._rf_pending.append(op)
                 active = self._rf_active
-                if op.kind in ("stop", "delete") and active is not None and active.name == op.run:
+                if op.kind in ("stop", "delete", "fail") and active is not None and active.name == op.run:
                     self._rf_interrupt = True
             else:
                 self._apply_op(op)
@@ -136,8 +136,8 @@ class InteractiveMixin:
         """The run's status once the ops already accepted for it are applied."""
         status = self.coordinator[name].status
         for pending in self._rf_pending:
-            if pending.run == name and pending.kind in ("stop", "resume", "delete"):
-                status = {"stop": "stopped", "resume": "running", "delete": "deleted"}[pending.kind]
+            if pending.run == name and pending.kind in ("stop", "resume", "delete", "fail"):
+                status = {"stop": "stopped", "resume": "running", "delete": "deleted", "fail": "failed"}[pending.kind]
         return status
 
     def _clone_spec(self, op: Op) -> RunSpec:
@@ -199,17 +199,22 @@ class InteractiveMixin:
                                  reason=f"run is {run.status}")  # fmt: skip
             return
         self._ledger().write(op.run, run.global_step, run.current_chunk, "op_applied", **op.describe())
+        if op.kind == "clone":
+            self._add_clone(op, run)
+            return
+        if op.kind == "fail":
+            self._fail(run, op.reason or f"failed by {op.source}", by=op.source)
+            return
         if op.kind == "stop":
             run.status = "stopped"
         elif op.kind == "resume":
             run.status = "running" if run.attributes else "pending"
-        elif op.kind == "delete":
+        else:
             self._free_run(run)
             run.status = "deleted"
-        else:
-            self._add_clone(op, run)
-            return
-        self._status_event(run, by=op.source)
+        run.reason = op.reason if op.kind != "resume" else None
+        extra = {"reason": op.reason} if op.reason else {}
+        self._status_event(run, by=op.source, **extra)
 
     def _free_run(self, run: Run) -> None:
         if self._rf_active is run:
@@ -245,7 +250,9 @@ class InteractiveMixin:
                 optimizer = self.optimizer
             child.optimizer_init = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
         self.coordinator.runs[child.name] = child
-        self._status_event(child, parent=parent.name, warm_start=op.warm_start, by=op.source)
+        child.reason = op.reason
+        extra = {"reason": op.reason} if op.reason else {}
+        self._status_event(child, parent=parent.name, warm_start=op.warm_start, by=op.source, **extra)
 
     def _warm_start(self, parent: Run, spec: RunSpec) -> None:
         """Copy the parent's adapter as of its last boundary into the child's freshly added adapter."""

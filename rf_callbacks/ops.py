@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-OP_KINDS = ("stop", "resume", "delete", "clone")
+OP_KINDS = ("stop", "resume", "delete", "clone")  # what the socket, the CLI and the page accept; `fail` is Python-only
 READ_KINDS = ("ls", "status", "metrics")
 MAX_REQUEST_BYTES = 64 * 1024
 
@@ -24,6 +24,7 @@ VALID_FROM = {
     "resume": ("stopped",),
     "delete": ("pending", "running", "stopped", "completed", "failed"),
     "clone": ("pending", "running", "stopped", "completed", "failed"),
+    "fail": ("pending", "running", "stopped"),
 }
 
 
@@ -32,7 +33,8 @@ class Op:
     """One interactive control operation.
 
     Args:
-        kind (`str`): One of `stop`, `resume`, `delete`, `clone`.
+        kind (`str`): One of `stop`, `resume`, `delete`, `clone`, or `fail` (from Python only: what a policy issues
+            for a run it judges broken; the run ends with status `failed` and the reason as its error).
         run (`str`): The run it targets (for `clone`, the parent).
         overrides (`dict`, *optional*): `clone` only: per-run fields to change, e.g. `{"learning_rate": 5e-4}`;
             PEFT fields as `{"peft_config": {"r": 16}}` or `{"peft_config.r": 16}`.
@@ -40,6 +42,8 @@ class Op:
         copy_optimizer (`bool`): `clone` with `warm_start` only: also copy the parent's optimizer state.
         name (`str`, *optional*): `clone` only: the child's name (default `<parent>-clone-<k>`).
         source (`str`): Who issued it: `python`, `socket`, `cli`, `dashboard` or a policy's name.
+        reason (`str`, *optional*): Why, in words (a policy's decision: "eval_loss 5.91 > cut 5.87"); kept in the
+            ledger, the run's `results()` row, `run.json` and the reporters.
     """
 
     kind: str
@@ -49,6 +53,7 @@ class Op:
     copy_optimizer: bool = False
     name: str | None = None
     source: str = "python"
+    reason: str | None = None
     issued: float = field(default_factory=time.time)
     spec: Any = field(default=None, repr=False)  # clone: the child's validated `RunSpec`
 
@@ -59,6 +64,8 @@ class Op:
             record.update(overrides=self.overrides, warm_start=self.warm_start, name=self.name)
             if self.copy_optimizer:
                 record["copy_optimizer"] = True
+        if self.reason is not None:
+            record["reason"] = self.reason
         return record
 
 

@@ -147,6 +147,8 @@ class MlflowReporter:
             return
         if run.error:
             self.client.set_tag(run_id, "rf.error", run.error[:5000])
+        if run.reason:
+            self.client.set_tag(run_id, "rf.reason", run.reason[:5000])
         self.client.set_terminated(run_id, status=_MLFLOW_STATUS.get(run.status, "FINISHED"))
 
     def close(self) -> None:
@@ -194,7 +196,8 @@ class TensorBoardReporter:
         writer = self.writers.get(run.name)
         if writer is None:
             return
-        writer.add_text("status", run.status + (f": {run.error}" if run.error else ""), run.global_step)
+        why = run.error or run.reason
+        writer.add_text("status", run.status + (f": {why}" if why else ""), run.global_step)
         if run.status == "stopped":  # it may be resumed
             writer.flush()
         else:
@@ -256,6 +259,8 @@ class WandbReporter:
         wandb_run.summary["rf/status"] = run.status
         if run.error:
             wandb_run.summary["rf/error"] = run.error[:5000]
+        if run.reason:
+            wandb_run.summary["rf/reason"] = run.reason[:5000]
         if run.status == "stopped":  # it may be resumed, and a finished W&B run takes no more data
             return
         wandb_run.finish(exit_code=1 if run.status == "failed" else 0)

@@ -166,6 +166,7 @@ def results_from_dir(output_dir: str | os.PathLike, metric: str = "eval_loss") -
         row["global_step"] = record.get("step", row.get("global_step", 0))
         if record.get("event") == "status":
             row["status"], row["error"] = record.get("status"), record.get("error")
+            row["reason"] = record.get("reason")
         elif record.get("event") == "boundary":
             boundaries[name] = boundaries.get(name, 0) + 1
         elif record.get("event") == "log":

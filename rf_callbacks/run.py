@@ -35,6 +35,7 @@ class Run:
     slices_done: int = 0
     wall_time: float = 0.0
     error: str | None = None
+    reason: str | None = None  # why it has its status, when an op said so ("stopped by SuccessiveHalving at ...")
     attributes: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] | None = None
     pinned: dict = field(default_factory=dict)
@@ -95,6 +96,7 @@ class Run:
             "parent": self.spec.parent,
             "wall_time": round(self.wall_time, 3),
             "error": self.error,
+            "reason": self.reason,
             "config": self.spec.summary,
             **metrics,
         }

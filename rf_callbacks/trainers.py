@@ -142,6 +142,10 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         dashboard (`bool`, *optional*, defaults to `False`):
             While `train()` runs, serve the local web dashboard on 127.0.0.1 and print its URL (with its secret
             token), as `rf-callbacks dashboard --dir <output_dir>` does from another shell.
+        policies (`list[Policy]`, *optional*):
+            Automatic decisions at chunk boundaries (`rf_callbacks.policies`: `SuccessiveHalving`,
+            `MedianStopping`, `DivergenceGuard`, `Explore`, or any object with `on_boundary(view) -> list[Op]`).
+            They act through IC ops, recorded with their reasons.
 
     Usage:
     ```python
@@ -194,6 +198,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         offload_optimizer: bool | str = True,
         control_socket: bool = True,
         dashboard: bool = False,
+        policies: list | None = None,
     ):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
@@ -221,7 +226,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies)
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.
@@ -314,10 +319,10 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     """Direct preference optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus `configs`, `num_chunks`,
-    `offload_optimizer`, `control_socket` and `dashboard` as [`RFSFTTrainer`] does. Per-run fields are those of
-    `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta, loss_type,
-    loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau, max_length,
-    truncation_mode, pad_to_multiple_of.
+    `offload_optimizer`, `control_socket`, `dashboard` and `policies` as [`RFSFTTrainer`] does. Per-run fields are
+    those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta,
+    loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+    max_length, truncation_mode, pad_to_multiple_of.
 
     The reference model is the shared base with adapters disabled (every run starts from a fresh adapter, whose model
     equals the base): no reference copy of the model, and no frozen "ref" adapter, per run. With `ref_model` (a model
@@ -365,6 +370,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         offload_optimizer: bool | str = True,
         control_socket: bool = True,
         dashboard: bool = False,
+        policies: list | None = None,
     ):
         from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
 
@@ -409,7 +415,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                 callbacks=callbacks,
                 optimizers=optimizers,
             )
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies)
 
     def results(self) -> list[dict[str, Any]]:
         """`RFSFTTrainer.results()` plus the last logged DPO reward metrics (train and eval) of each run."""
@@ -579,8 +585,8 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     """Group relative policy optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.GRPOTrainer`] with the same meaning (reward functions are shared by all runs), plus
-    `configs`, `num_chunks`, `offload_optimizer`, `control_socket` and `dashboard` as [`RFSFTTrainer`] does. Per-run
-    fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations, max_completion_length,
+    `configs`, `num_chunks`, `offload_optimizer`, `control_socket`, `dashboard` and `policies` as [`RFSFTTrainer`]
+    does. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations, max_completion_length,
     steps_per_generation (or generation_batch_size), temperature, top_p, top_k, min_p, repetition_penalty,
     generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta, importance_sampling_level, reward_weights,
     scale_rewards, loss_type, mask_truncated_completions, top_entropy_quantile, entropy_coef. Each run's generation
@@ -614,6 +620,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         offload_optimizer: bool | str = True,
         control_socket: bool = True,
         dashboard: bool = False,
+        policies: list | None = None,
     ):
         import copy
 
@@ -700,7 +707,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             )
         self._rf_generation_kwargs = dict(getattr(self, "generation_kwargs", None) or {})
         self._rf_head_temperature = args.temperature
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies)
         # Clones (IC ops) build their arguments from the shared ones as the configs above were built.
         self._rf_shared_args = template
 
