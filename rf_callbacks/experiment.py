@@ -96,6 +96,7 @@ class Experiment:
         num_shards: int | None = None,
         param_config: Any = None,
         policies: list | None = None,
+        boundary_eval: bool = True,
     ) -> None:
         """Train every leaf of `config_group` (an `RFGridSearch`/`RFRandomSearch`, or configs for a grid search).
 
@@ -109,6 +110,8 @@ class Experiment:
                 the data order of a group (its first leaf's `data_seed`, else `seed`).
             policies (`list[Policy]`, *optional*): Automatic decisions at chunk boundaries (`rf_callbacks.policies`);
                 each group of runs trained together gets its own copy.
+            boundary_eval (`bool`, *optional*, defaults to `True`): `False` evaluates runs only where a policy needs
+                it and at their end (see [`RFSFTTrainer`]).
         """
         from .automl.plan import plan_jobs
         from .automl.search import RFGridSearch, _Search
@@ -151,7 +154,7 @@ class Experiment:
                 base = job.group.base
             kwargs = dict(model=model, args=job.args, train_dataset=job.train, eval_dataset=job.eval)
             kwargs.update(processing_class=tokenizer, configs=job.configs, num_chunks=num_chunks)
-            kwargs["policies"] = copy.deepcopy(policies)
+            kwargs.update(policies=copy.deepcopy(policies), boundary_eval=boundary_eval)
             model = self._train_group(trainer_cls, search.trainer_type, job.group, job.folder, kwargs)
         model = tokenizer = None
         self._free()

@@ -92,11 +92,13 @@ class MultiConfigMixin(InteractiveMixin, TrackingMixin):
         control_socket: bool = True,
         dashboard: bool = False,
         policies: list[Policy] | None = None,
+        boundary_eval: bool = True,
     ) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists."""
         if dashboard and not control_socket:
             raise ValueError("dashboard=True needs control_socket=True (the page talks to the training through it)")
         self._rf_policies = self._check_policies(policies)
+        self._rf_boundary_eval = boundary_eval
         self._rf_control_socket, self._rf_dashboard = control_socket, dashboard
         self._rf_shared_args = self.args
         self._rf_offload = offload
@@ -305,7 +307,7 @@ class MultiConfigMixin(InteractiveMixin, TrackingMixin):
         run.rng = capture_rng()
         if finished or boundary:
             self._snapshot(run)
-            if self.eval_dataset is not None and not self._evaluated_at_current_step():
+            if self.eval_dataset is not None and self._wants_eval(run, finished):
                 self.evaluate(ignore_keys=ignore_keys_for_eval)  # logged under the chunk it ends
             run.next_slice += 1
             run.slices_done += 1
@@ -330,6 +332,15 @@ class MultiConfigMixin(InteractiveMixin, TrackingMixin):
                     f"one, or use metric='loss'"
                 )
         return policies
+
+    def _wants_eval(self, run: Run, finished: bool) -> bool:
+        """Whether `run` is evaluated at the boundary it just reached (after slice `run.next_slice`)."""
+        if self._evaluated_at_current_step():
+            return False
+        if finished or self._rf_boundary_eval:
+            return True
+        slices = run.next_slice + 1
+        return any(getattr(p, "evaluates_at", lambda _: True)(slices) for p in self._rf_policies)
 
     def _boundary_view(self, run: Run) -> BoundaryView:
         views = {}

@@ -88,7 +88,12 @@ class BoundaryView:
 
 @runtime_checkable
 class Policy(Protocol):
-    """Anything with `on_boundary(view) -> list[Op]`; its class name is the `by` of its ops in the ledger."""
+    """Anything with `on_boundary(view) -> list[Op]`; its class name is the `by` of its ops in the ledger.
+
+    A policy may also define `evaluates_at(slices: int) -> bool`: whether it needs every run's eval metrics at the
+    boundary after `slices` slices. With `boundary_eval=False` the trainer evaluates only there (and at each run's
+    end); a policy without the method is taken to need every boundary.
+    """
 
     def on_boundary(self, view: BoundaryView) -> list[Op]: ...
 
@@ -144,6 +149,12 @@ class SuccessiveHalving:
     def rung_slices(self, rung: int) -> int:
         return self.min_chunks * self.eta**rung
 
+    def evaluates_at(self, slices: int) -> bool:
+        rung = 0
+        while self.rung_slices(rung) < slices:
+            rung += 1
+        return self.rung_slices(rung) == slices
+
     def on_boundary(self, view: BoundaryView) -> list[Op]:
         ops: list[Op] = []
         active = view.active()
@@ -189,6 +200,9 @@ class MedianStopping:
         if not isinstance(self.min_runs, int) or self.min_runs < 2:
             raise ValueError(f"min_runs must be an integer >= 2, got {self.min_runs!r}")
 
+    def evaluates_at(self, slices: int) -> bool:
+        return slices >= self.min_chunks
+
     def on_boundary(self, view: BoundaryView) -> list[Op]:
         if view.frontier < self.min_chunks or view.frontier <= self.checked:
             return []
@@ -231,6 +245,9 @@ class DivergenceGuard:
     def __post_init__(self):
         if not isinstance(self.max_ratio, (int, float)) or not self.max_ratio > 1:
             raise ValueError(f"max_ratio must be a number > 1, got {self.max_ratio!r}")
+
+    def evaluates_at(self, slices: int) -> bool:
+        return self.metric.startswith("eval_")
 
     def on_boundary(self, view: BoundaryView) -> list[Op]:
         run = view.runs[view.run]
@@ -292,6 +309,9 @@ class Explore:
             if not factors or not all(isinstance(f, (int, float)) and f > 0 for f in factors):
                 raise ValueError(f"perturb[{key!r}] must be a non-empty tuple of positive factors, got {factors!r}")
         self._random = random.Random(self.seed)
+
+    def evaluates_at(self, slices: int) -> bool:
+        return slices % self.interval == 0
 
     def on_boundary(self, view: BoundaryView) -> list[Op]:
         if view.frontier % self.interval or view.frontier <= self.checked:

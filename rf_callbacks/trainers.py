@@ -146,6 +146,10 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             Automatic decisions at chunk boundaries (`rf_callbacks.policies`: `SuccessiveHalving`,
             `MedianStopping`, `DivergenceGuard`, `Explore`, or any object with `on_boundary(view) -> list[Op]`).
             They act through IC ops, recorded with their reasons.
+        boundary_eval (`bool`, *optional*, defaults to `True`):
+            Evaluate each run at every chunk boundary it reaches. With `False`, a run is evaluated only where a
+            policy needs it (e.g. `SuccessiveHalving`'s rungs), at its end, and where `eval_strategy` says: a large
+            saving when chunks are short and the eval set is not.
 
     Usage:
     ```python
@@ -199,6 +203,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         control_socket: bool = True,
         dashboard: bool = False,
         policies: list | None = None,
+        boundary_eval: bool = True,
     ):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
@@ -226,7 +231,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval)
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.
@@ -319,10 +324,10 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     """Direct preference optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus `configs`, `num_chunks`,
-    `offload_optimizer`, `control_socket`, `dashboard` and `policies` as [`RFSFTTrainer`] does. Per-run fields are
-    those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta,
-    loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-    max_length, truncation_mode, pad_to_multiple_of.
+    `offload_optimizer`, `control_socket`, `dashboard`, `policies` and `boundary_eval` as [`RFSFTTrainer`] does.
+    Per-run fields are those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus
+    the DPO ones: beta, loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type,
+    f_alpha_divergence_coef, discopop_tau, max_length, truncation_mode, pad_to_multiple_of.
 
     The reference model is the shared base with adapters disabled (every run starts from a fresh adapter, whose model
     equals the base): no reference copy of the model, and no frozen "ref" adapter, per run. With `ref_model` (a model
@@ -371,6 +376,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         control_socket: bool = True,
         dashboard: bool = False,
         policies: list | None = None,
+        boundary_eval: bool = True,
     ):
         from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
 
@@ -415,7 +421,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                 callbacks=callbacks,
                 optimizers=optimizers,
             )
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval)
 
     def results(self) -> list[dict[str, Any]]:
         """`RFSFTTrainer.results()` plus the last logged DPO reward metrics (train and eval) of each run."""
@@ -585,12 +591,13 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     """Group relative policy optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.GRPOTrainer`] with the same meaning (reward functions are shared by all runs), plus
-    `configs`, `num_chunks`, `offload_optimizer`, `control_socket`, `dashboard` and `policies` as [`RFSFTTrainer`]
-    does. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations, max_completion_length,
-    steps_per_generation (or generation_batch_size), temperature, top_p, top_k, min_p, repetition_penalty,
-    generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta, importance_sampling_level, reward_weights,
-    scale_rewards, loss_type, mask_truncated_completions, top_entropy_quantile, entropy_coef. Each run's generation
-    batch must be divisible by its num_generations (checked before any work).
+    `configs`, `num_chunks`, `offload_optimizer`, `control_socket`, `dashboard`, `policies` and `boundary_eval` as
+    [`RFSFTTrainer`] does. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations,
+    max_completion_length, steps_per_generation (or generation_batch_size), temperature, top_p, top_k, min_p,
+    repetition_penalty, generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta,
+    importance_sampling_level, reward_weights, scale_rewards, loss_type, mask_truncated_completions,
+    top_entropy_quantile, entropy_coef. Each run's generation batch must be divisible by its num_generations
+    (checked before any work).
 
     Completions are generated with the active run's adapter. Each run keeps its own generation buffer (reused for
     `steps_per_generation` x `num_iterations` micro-steps) and its own metrics; they are parked with the run at a
@@ -621,6 +628,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         control_socket: bool = True,
         dashboard: bool = False,
         policies: list | None = None,
+        boundary_eval: bool = True,
     ):
         import copy
 
@@ -707,7 +715,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             )
         self._rf_generation_kwargs = dict(getattr(self, "generation_kwargs", None) or {})
         self._rf_head_temperature = args.temperature
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies)
+        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval)
         # Clones (IC ops) build their arguments from the shared ones as the configs above were built.
         self._rf_shared_args = template
 

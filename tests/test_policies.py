@@ -171,7 +171,7 @@ def four_configs():
     ]
 
 
-def trainer_with(tokenizer, chat_data, sft_args, out, policies, configs=None, eval_set=True):
+def trainer_with(tokenizer, chat_data, sft_args, out, policies, configs=None, eval_set=True, **kwargs):
     """96 rows, batch 8: one epoch of 12 steps in 4 chunks of 3."""
     set_seed(7)
     args = sft_args(output_dir=str(out), max_steps=12, per_device_train_batch_size=8, per_device_eval_batch_size=16)
@@ -184,6 +184,7 @@ def trainer_with(tokenizer, chat_data, sft_args, out, policies, configs=None, ev
         configs=configs or four_configs(),
         num_chunks=4,
         policies=policies,
+        **kwargs,
     )
 
 
@@ -215,6 +216,17 @@ def test_successive_halving_end_to_end(tokenizer, chat_data, sft_args, tmp_path)
     left = get_peft_model_state_dict(trainer.model, adapter_name=winner)
     right = get_peft_model_state_dict(alone.model, adapter_name=winner)
     assert all(torch.equal(left[k], right[k]) for k in left)
+
+
+def test_boundary_eval_false_evaluates_at_rungs_and_ends_only(tokenizer, chat_data, sft_args, tmp_path):
+    policies = [SuccessiveHalving(eta=2, min_chunks=2), DivergenceGuard()]
+    trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path, policies, four_configs()[:2], boundary_eval=False)
+    trainer.train()
+    evals = {
+        run.name: [e["step"] for e in run.state.log_history if "eval_loss" in e] for run in trainer.runs
+    }  # fmt: skip
+    winner = next(row["name"] for row in trainer.results() if row["status"] == "completed")
+    assert evals == {name: [6, 12] if name == winner else [6] for name in evals}  # rung at chunk 2, then the end
 
 
 class Broken:
