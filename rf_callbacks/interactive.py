@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import threading
 from typing import Any
 
@@ -129,6 +130,11 @@ class InteractiveMixin:
         if status not in VALID_FROM[op.kind]:
             raise OpError(f"cannot {op.kind} run {op.run!r}: it is {status}")
         if op.kind == "clone":
+            if self._rf_checkpoint_every is not None:
+                try:
+                    json.dumps(op.overrides, allow_nan=False)
+                except (TypeError, ValueError) as error:
+                    raise OpError(f"clone overrides must be JSON values (checkpoints record them): {error}") from None
             op.spec = self._clone_spec(op)
             op.name = op.spec.name
 
@@ -143,7 +149,7 @@ class InteractiveMixin:
     def _clone_spec(self, op: Op) -> RunSpec:
         parent = self.coordinator[op.run].spec
         training, peft_fields = merge_peft_overrides(op.overrides)
-        peft_config = parent.peft_config
+        peft_config = copy.deepcopy(parent.peft_config)  # PEFT mutates the config it builds an adapter from
         if peft_fields:
             if peft_config is None:
                 raise OpError(f"run {op.run!r} has no peft_config to override")
@@ -151,7 +157,7 @@ class InteractiveMixin:
             if unknown:
                 raise OpError(f"unknown peft_config field(s) {unknown} for {type(peft_config).__name__}")
             try:
-                peft_config = dataclasses.replace(copy.deepcopy(peft_config), **peft_fields)
+                peft_config = dataclasses.replace(peft_config, **peft_fields)
             except (TypeError, ValueError) as error:
                 raise OpError(f"invalid peft_config override {peft_fields}: {error}") from error
         taken = set(self.coordinator.runs) | {p.name for p in self._rf_pending if p.kind == "clone"}
@@ -170,12 +176,12 @@ class InteractiveMixin:
         except ValueError as error:
             raise OpError(str(error).replace("configs[0] ", "clone ")) from error
         if op.warm_start:
-            before, after = parent.summary, spec.summary
-            for key in ("peft_type", "r", "target_modules"):
-                if before.get(key) != after.get(key):
+            before, after = _adapter_shape(parent.peft_config), _adapter_shape(spec.peft_config)
+            for key in before:
+                if before[key] != after[key]:
                     raise OpError(
-                        f"warm_start needs the parent's adapter shape, but {key} changes from {before.get(key)!r} "
-                        f"to {after.get(key)!r}; clone without warm_start to change it"
+                        f"warm_start needs the parent's adapter shape, but {key} changes from {before[key]!r} "
+                        f"to {after[key]!r}; clone without warm_start to change it"
                     )
         elif op.copy_optimizer:
             raise OpError("copy_optimizer=True needs warm_start=True (a fresh adapter has no optimizer history)")
@@ -211,7 +217,7 @@ class InteractiveMixin:
             run.status = "running" if run.attributes else "pending"
         else:
             self._free_run(run)
-            run.status = "deleted"
+            run.status, run.dirty = "deleted", True
         run.reason = op.reason if op.kind != "resume" else None
         extra = {"reason": op.reason} if op.reason else {}
         self._status_event(run, by=op.source, **extra)
@@ -232,18 +238,38 @@ class InteractiveMixin:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _add_clone(self, op: Op, parent: Run) -> None:
+    def _add_clone(self, op: Op, parent: Run, start_slice: int | None = None, restoring: bool = False) -> None:
+        """Add the child run of a clone op; `restoring` rebuilds one recorded in a checkpoint (its weights, optimizer
+        and events come from there)."""
         spec: RunSpec = op.spec
         key = self._data_key(spec.args)
         if key not in self._rf_datasets:
             self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
             self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
-        plan = self._data_plan(spec, key, start_slice=parent.next_slice)
+        start_slice = parent.next_slice if start_slice is None else start_slice
+        plan = self._data_plan(spec, key, start_slice=start_slice)
+        child = Run(spec=spec, plan=plan, data_key=key, next_slice=plan.start_slice)
+        self._rf_clones[child.name] = {
+            "parent": op.run, "overrides": op.overrides, "warm_start": op.warm_start,
+            "copy_optimizer": op.copy_optimizer, "name": child.name, "source": op.source, "reason": op.reason,
+            "start_slice": start_slice,
+        }  # fmt: skip
         set_seed(spec.args.seed)
-        self.model.add_adapter(spec.adapter_name, spec.peft_config)
+        self._rf_mode = None  # its modules start in training mode, whatever the model's mode
+        try:
+            self.model.add_adapter(spec.adapter_name, spec.peft_config)
+        except Exception as error:  # e.g. out of memory: the child fails, the experiment goes on
+            if spec.adapter_name in self.model.peft_config:
+                self.model.delete_adapter(spec.adapter_name)
+            child.status, child.error = "failed", f"adapter could not be built: {type(error).__name__}: {error}"
+            self.coordinator.runs[child.name] = child
+            self._status_event(child, parent=parent.name, error=child.error, by=op.source)
+            return
+        if restoring:
+            self.coordinator.runs[child.name] = child
+            return
         if op.warm_start:
             self._warm_start(parent, spec)
-        child = Run(spec=spec, plan=plan, data_key=key, next_slice=plan.start_slice)
         if op.copy_optimizer:
             optimizer = parent.attributes.get("optimizer")
             if optimizer is None and self._rf_active is parent:
@@ -274,3 +300,16 @@ class InteractiveMixin:
         for group, settings in zip(self.optimizer.param_groups, own):
             group.update(settings)
         run.optimizer_init = None
+
+
+def _adapter_shape(config) -> dict[str, Any]:
+    """What a warm start must keep. PEFT replaces `target_modules="all-linear"` by the module names it resolved to
+    when it builds the adapter, so names are compared as sets of the config as it is now."""
+    if config is None:
+        return {"peft_type": None, "r": None, "target_modules": None}
+    targets = config.target_modules
+    return {
+        "peft_type": str(config.peft_type),
+        "r": getattr(config, "r", None),
+        "target_modules": targets if isinstance(targets, str) or targets is None else sorted(targets),
+    }

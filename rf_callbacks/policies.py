@@ -313,6 +313,16 @@ class Explore:
     def evaluates_at(self, slices: int) -> bool:
         return slices % self.interval == 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the last chunk explored and the draws' generator."""
+        version, keys, gauss = self._random.getstate()
+        return {"checked": self.checked, "random": [version, list(keys), gauss]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, keys, gauss = state["random"]
+        self.checked = state["checked"]
+        self._random.setstate((version, tuple(keys), gauss))
+
     def on_boundary(self, view: BoundaryView) -> list[Op]:
         if view.frontier % self.interval or view.frontier <= self.checked:
             return []

@@ -33,6 +33,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -52,7 +53,68 @@ class Reporter(Protocol):
 
     def finish(self, run: Run) -> None: ...
 
+    def flush(self) -> None: ...
+
     def close(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps to reattach a resumed experiment to the same tracking runs (JSON)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Deferred:
+    """Holds a reporter's calls until `flush()`, which the trainer calls as it writes each checkpoint: a tracker
+    then shows exactly what a resumed experiment keeps (the steps after the last checkpoint are logged once, after
+    the resume, not twice).
+
+    Args:
+        reporter ([`Reporter`]): The backend's reporter.
+    """
+
+    def __init__(self, reporter: Reporter):
+        self.reporter = reporter
+        self.calls: list[tuple[str, Any, tuple]] = []
+        self.hold = False  # outside `train()` calls go through at once
+
+    def _call(self, method: str, run: Run, *args: Any) -> None:
+        if self.hold:
+            self.calls.append((method, self._frozen(run), args))
+        else:
+            getattr(self.reporter, method)(run, *args)
+
+    @staticmethod
+    def _frozen(run: Run) -> SimpleNamespace:  # the run as it is now, not as it will be at the flush
+        return SimpleNamespace(
+            name=run.name, status=run.status, error=run.error, reason=run.reason, spec=run.spec,
+            global_step=run.global_step,
+        )  # fmt: skip
+
+    def start(self, run: Run) -> None:
+        self._call("start", run)
+
+    def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
+        self._call("log", run, step, chunk, dict(values))
+
+    def finish(self, run: Run) -> None:
+        self._call("finish", run)
+
+    def flush(self) -> None:
+        calls, self.calls = self.calls, []
+        for method, run, args in calls:
+            getattr(self.reporter, method)(run, *args)
+        self.reporter.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.reporter.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.reporter.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reporter.load_state_dict(state)
 
 
 def hf_metric_names(values: dict[str, Any]) -> dict[str, float]:
@@ -151,8 +213,17 @@ class MlflowReporter:
             self.client.set_tag(run_id, "rf.reason", run.reason[:5000])
         self.client.set_terminated(run_id, status=_MLFLOW_STATUS.get(run.status, "FINISHED"))
 
+    def flush(self) -> None:
+        return None
+
     def close(self) -> None:
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_ids": dict(self.run_ids)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_ids.update(state.get("run_ids", {}))
 
 
 class TensorBoardReporter:
@@ -203,10 +274,20 @@ class TensorBoardReporter:
         else:
             self.writers.pop(run.name).close()
 
+    def flush(self) -> None:
+        for writer in self.writers.values():
+            writer.flush()
+
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
         self.writers.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # a resumed run writes a new event file in the same folder; TensorBoard shows them as one
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
 
 class WandbReporter:
@@ -266,11 +347,20 @@ class WandbReporter:
         wandb_run.finish(exit_code=1 if run.status == "failed" else 0)
         self.finished.add(run.name)
 
+    def flush(self) -> None:
+        return None
+
     def close(self) -> None:
         for name, wandb_run in self.runs.items():
             if name not in self.finished:
                 wandb_run.finish()
                 self.finished.add(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # a resumed experiment opens new W&B runs (see the README's limitations)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
 
 class TrackioReporter:
@@ -316,11 +406,20 @@ class TrackioReporter:
         trackio_run.finish()
         self.finished.add(run.name)
 
+    def flush(self) -> None:
+        return None
+
     def close(self) -> None:
         for name, trackio_run in self.runs.items():
             if name not in self.finished:
                 trackio_run.finish()
                 self.finished.add(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # a resumed experiment opens new Trackio runs (see the README's limitations)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
 
 
 REPORTERS = {
@@ -346,14 +445,18 @@ def check_backends(names: Sequence[str]) -> None:
             )
 
 
-def make_reporters(names: Sequence[str], output_dir: str | os.PathLike, run_name: str | None) -> list[Reporter]:
+def make_reporters(
+    names: Sequence[str], output_dir: str | os.PathLike, run_name: str | None, deferred: bool = False
+) -> list[Reporter]:
     """One reporter per backend in `names` that rf-callbacks drives per run (`REPORTERS`); other names are ignored.
 
     Args:
         names (`Sequence[str]`): `report_to` names, as in `TrainingArguments.report_to`.
         output_dir (`str` or `os.PathLike`): The experiment's output folder (default home of the local stores).
         run_name (`str`, *optional*): `args.run_name`, the experiment's name when set.
+        deferred (`bool`, *optional*, defaults to `False`): Wrap each in [`Deferred`] (when checkpoints are on).
     """
     names = [name for name in names if name in REPORTERS]
     check_backends(names)
-    return [REPORTERS[name].from_env(output_dir, run_name) for name in names]
+    reporters = [REPORTERS[name].from_env(output_dir, run_name) for name in names]
+    return [Deferred(reporter) for reporter in reporters] if deferred else reporters

@@ -8,6 +8,7 @@ training step, loss, logging and callbacks work unchanged. At a boundary those a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .chunks import DataPlan
@@ -47,6 +48,8 @@ class Run:
     boundary_weights: dict | None = None  # CPU copy of its adapter at its last boundary (for warm-start clones)
     optimizer_init: dict | None = None  # clone with copy_optimizer: the parent's optimizer state to start from
     num_parameters: int = 0  # base (without embeddings) + its adapter, for FLOPs estimates
+    dirty: bool = True  # trained (or changed) since its files were last written to a checkpoint
+    checkpoint_files: Path | None = None  # the checkpoint folder that holds its current files
 
     @property
     def name(self) -> str:

@@ -16,7 +16,7 @@ import torch
 from transformers.integrations import get_available_reporting_integrations
 from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 
-from .reporters import REPORTERS, check_backends, make_reporters
+from .reporters import REPORTERS, Deferred, check_backends, make_reporters
 from .reporting import Ledger, write_json_atomic, write_run_json
 
 if TYPE_CHECKING:
@@ -63,22 +63,31 @@ class TrackingMixin:
             self._rf_ledger.close()
             self._rf_ledger = None
 
+    def _hold_reports(self, hold: bool) -> None:
+        """While `train()` runs with checkpoints on, reporters take what a checkpoint has kept (see `Deferred`)."""
+        for reporter in self._rf_reporters:
+            if isinstance(reporter, Deferred):
+                if not hold:
+                    reporter.flush()
+                reporter.hold = hold
+
     def _ledger(self) -> Ledger:
         if self._rf_ledger is None:
             self._open_experiment()
         return self._rf_ledger
 
-    def _open_experiment(self) -> None:
+    def _open_experiment(self, resuming: bool = False) -> None:
         self._rf_output_dir.mkdir(parents=True, exist_ok=True)
         if self._rf_ledger is None:
             path = self._rf_output_dir / "ledger.jsonl"
             first = not self._rf_started
-            if first and path.exists():  # a previous experiment's ledger: keep it, under its own name
+            if first and path.exists() and not resuming:  # a previous experiment's ledger: keep, under its own name
                 path.rename(path.with_name(f"ledger-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
             self._rf_ledger = Ledger(path)
             if first:
                 args = self._rf_shared_args
-                self._rf_reporters = make_reporters(self._rf_report_to, self._rf_output_dir, args.run_name)
+                deferred = self._rf_checkpoint_every is not None  # trackers show what a resume keeps
+                self._rf_reporters = make_reporters(self._rf_report_to, self._rf_output_dir, args.run_name, deferred)
             self._rf_started = True
         write_json_atomic(self._rf_output_dir / "experiment.json", self._experiment_info())
 

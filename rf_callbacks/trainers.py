@@ -150,6 +150,10 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             Evaluate each run at every chunk boundary it reaches. With `False`, a run is evaluated only where a
             policy needs it (e.g. `SuccessiveHalving`'s rungs), at its end, and where `eval_strategy` says: a large
             saving when chunks are short and the eval set is not.
+        checkpoint_every (`int`, *optional*):
+            Boundaries between two experiment checkpoints in `<output_dir>/checkpoints` (default 1: every boundary,
+            plus one when training ends); `save_strategy="no"` turns them off, `save_total_limit` (default 2) says
+            how many are kept. `train(resume_from_checkpoint=True)` continues from the newest one, bit-for-bit.
 
     Usage:
     ```python
@@ -204,6 +208,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         dashboard: bool = False,
         policies: list | None = None,
         boundary_eval: bool = True,
+        checkpoint_every: int | None = None,
     ):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
@@ -231,7 +236,9 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval)
+        self._build_runs(
+            specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval, checkpoint_every
+        )
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.
@@ -323,11 +330,11 @@ def _check_preference_dataset(dataset: Any, name: str) -> None:
 class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     """Direct preference optimisation of several LoRA configs at once on one resident base model.
 
-    Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus `configs`, `num_chunks`,
-    `offload_optimizer`, `control_socket`, `dashboard`, `policies` and `boundary_eval` as [`RFSFTTrainer`] does.
-    Per-run fields are those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus
-    the DPO ones: beta, loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type,
-    f_alpha_divergence_coef, discopop_tau, max_length, truncation_mode, pad_to_multiple_of.
+    Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus the rf-callbacks ones (`configs`,
+    `num_chunks`, `policies`, `checkpoint_every`, ...) as [`RFSFTTrainer`] takes them. Per-run fields are those of
+    `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta, loss_type,
+    loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau, max_length,
+    truncation_mode, pad_to_multiple_of.
 
     The reference model is the shared base with adapters disabled (every run starts from a fresh adapter, whose model
     equals the base): no reference copy of the model, and no frozen "ref" adapter, per run. With `ref_model` (a model
@@ -377,6 +384,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         dashboard: bool = False,
         policies: list | None = None,
         boundary_eval: bool = True,
+        checkpoint_every: int | None = None,
     ):
         from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
 
@@ -421,7 +429,9 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                 callbacks=callbacks,
                 optimizers=optimizers,
             )
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval)
+        self._build_runs(
+            specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval, checkpoint_every
+        )
 
     def results(self) -> list[dict[str, Any]]:
         """`RFSFTTrainer.results()` plus the last logged DPO reward metrics (train and eval) of each run."""
@@ -591,8 +601,8 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     """Group relative policy optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.GRPOTrainer`] with the same meaning (reward functions are shared by all runs), plus
-    `configs`, `num_chunks`, `offload_optimizer`, `control_socket`, `dashboard`, `policies` and `boundary_eval` as
-    [`RFSFTTrainer`] does. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations,
+    the rf-callbacks ones (`configs`, `num_chunks`, `policies`, ...; not `checkpoint_every` yet) as [`RFSFTTrainer`]
+    takes them. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations,
     max_completion_length, steps_per_generation (or generation_batch_size), temperature, top_p, top_k, min_p,
     repetition_penalty, generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta,
     importance_sampling_level, reward_weights, scale_rewards, loss_type, mask_truncated_completions,
@@ -606,6 +616,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
 
     per_run_fields = GRPO_PER_RUN_FIELDS
     run_attributes = RUN_ATTRIBUTES + _GRPO_RUN_ATTRIBUTES
+    supports_checkpoints = False  # a run's generation buffer spans boundaries; not in checkpoints yet
     result_metrics = ("reward", "reward_std", "completions/mean_length", "kl")
 
     def __init__(
@@ -629,6 +640,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         dashboard: bool = False,
         policies: list | None = None,
         boundary_eval: bool = True,
+        checkpoint_every: int | None = None,
     ):
         import copy
 
@@ -715,7 +727,9 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             )
         self._rf_generation_kwargs = dict(getattr(self, "generation_kwargs", None) or {})
         self._rf_head_temperature = args.temperature
-        self._build_runs(specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval)
+        self._build_runs(
+            specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval, checkpoint_every
+        )
         # Clones (IC ops) build their arguments from the shared ones as the configs above were built.
         self._rf_shared_args = template
 

@@ -245,16 +245,16 @@ class StopEveryoneBut:
 
 
 class PoisonAt(TrainerCallback):
-    """Fault injection: NaN into run `name`'s adapter after its optimizer step `step`."""
+    """Fault injection: set run `name`'s adapter to `value` after its optimizer step `step`."""
 
-    def __init__(self, trainer, name, step):
-        self.trainer, self.name, self.step = trainer, name, step
+    def __init__(self, trainer, name, step, value):
+        self.trainer, self.name, self.step, self.value = trainer, name, step, value
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.trainer._rf_active.name == self.name and state.global_step == self.step:
             with torch.no_grad():
                 for param in self.trainer._rf_active.trainable:
-                    param.fill_(math.nan)
+                    param.fill_(self.value)
 
 
 def test_divergence_guard_broken_and_user_policies_end_to_end(tokenizer, chat_data, sft_args, tmp_path):
@@ -262,17 +262,20 @@ def test_divergence_guard_broken_and_user_policies_end_to_end(tokenizer, chat_da
     guard = DivergenceGuard(max_ratio=1.5)
     policies = [Broken(), guard, MedianStopping(metric="loss", min_chunks=10)]
     trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path, policies, configs, eval_set=False)
-    trainer.add_callback(PoisonAt(trainer, "lr2", 5))
     trainer.train()
-    rows = {row["name"]: row for row in trainer.results()}
-    assert rows["lr2"]["status"] == "failed"
-    assert rows["lr2"]["error"] == "failed by DivergenceGuard at step 6: grad_norm is nan"
-    assert rows["lr2"]["global_step"] == 6
-    assert rows["lr0"]["status"] == rows["lr1"]["status"] == "completed"
+    assert [row["status"] for row in trainer.results()] == ["completed"] * 3
     records = read_ledger(tmp_path / "ledger.jsonl")
     (error,) = [r for r in records if r["event"] == "policy_error"]
     assert error["policy"] == "Broken" and error["error"] == "RuntimeError: policy bug"
     assert trainer._rf_policies == policies[1:]  # disabled, the others kept working
+
+    # Alone, a run's NaN steps are TRL's business (the logged loss filters them) until the guard sees them.
+    trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path / "nan", [guard], configs[2:], eval_set=False)
+    trainer.add_callback(PoisonAt(trainer, "lr2", 4, math.nan))
+    trainer.train()
+    (row,) = trainer.results()
+    assert (row["status"], row["global_step"]) == ("failed", 6)
+    assert row["error"] == "failed by DivergenceGuard at step 6: grad_norm is nan"
 
     trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path / "user", [StopEveryoneBut("lr1")], configs[:2])
     trainer.train()
@@ -284,6 +287,17 @@ def test_divergence_guard_broken_and_user_policies_end_to_end(tokenizer, chat_da
     )
     stop = next(r for r in read_ledger(tmp_path / "user" / "ledger.jsonl") if r["event"] == "op_applied")
     assert stop["by"] == "StopEveryoneBut"
+
+
+def test_a_nan_loss_fails_only_its_run(tokenizer, chat_data, sft_args, tmp_path):
+    trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path, [], four_configs()[:3], eval_set=False)
+    trainer.add_callback(PoisonAt(trainer, "lr1", 4, math.nan))
+    trainer.train()
+    rows = {row["name"]: row for row in trainer.results()}
+    assert (rows["lr1"]["status"], rows["lr1"]["error"]) == ("failed", "FloatingPointError: loss is nan at step 5")
+    assert rows["lr0"]["status"] == rows["lr2"]["status"] == "completed"
+    status = [r for r in read_ledger(tmp_path / "ledger.jsonl") if r["event"] == "status" and r["run"] == "lr1"]
+    assert status[-1]["error"] == "FloatingPointError: loss is nan at step 5"
 
 
 def test_explore_end_to_end(tokenizer, chat_data, sft_args, tmp_path):

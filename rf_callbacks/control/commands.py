@@ -1,5 +1,8 @@
 """The CLI's control subcommands: `ls`, `stop`, `resume`, `delete`, `clone`, `watch` and `dashboard`.
 
+`resume --dir OUT` without a run name is not an op: it reruns a killed experiment from its last checkpoint
+(`rf_callbacks.cli.resume_experiment`).
+
 They talk to the training running in `--dir` through its control socket and import only the standard library (no
 torch, transformers or TRL), so each answers in well under a second. A refusal exits non-zero with the server's
 error message; a folder with no training running says so.
@@ -40,11 +43,14 @@ def add_control_commands(commands: argparse._SubParsersAction) -> None:
     command("ls", "list the runs of the training running in --dir").set_defaults(handler=run_ls)
     for op, text in (
         ("stop", "park a run at its next optimizer step (it can be resumed)"),
-        ("resume", "put a stopped run back into the rotation"),
+        (
+            "resume",
+            "put stopped RUN back into the rotation; without RUN, rerun a killed experiment from its checkpoint",
+        ),
         ("delete", "remove a run for good and free its memory"),
     ):
         parser = command(op, text)
-        parser.add_argument("run")
+        parser.add_argument("run", nargs="?" if op == "resume" else None)
         parser.set_defaults(handler=run_op, op=op)
     clone = command("clone", "start a new run from a run's config, with overrides")
     clone.add_argument("run")
@@ -83,6 +89,10 @@ def _ask(directory: Path, message: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def run_op(args: argparse.Namespace) -> int:
+    if args.op == "resume" and args.run is None:
+        from ..cli import resume_experiment
+
+        return resume_experiment(args)
     message: dict[str, Any] = {"op": args.op, "run": args.run}
     if args.op == "clone":
         message.update(overrides=dict(args.overrides), warm_start=args.warm_start)

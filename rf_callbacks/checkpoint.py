@@ -1,0 +1,353 @@
+"""Experiment checkpoints: everything needed to continue a killed experiment so that it ends bit-for-bit as if it
+had never stopped.
+
+At boundaries (every `checkpoint_every` of them, and when training ends) `<output_dir>/checkpoints/checkpoint-<k>/`
+gets, for every run, its adapter (and its weights at its last boundary), optimizer, LR scheduler, random generators,
+loss accumulators, per-run trainer metrics and `TrainerState`; and, for the experiment, each run's status and place
+in the data, how each clone was made, the ops not applied yet, the policies' state, the reporters' run ids and the
+length of `ledger.jsonl`. Tensors go to safetensors, optimizer/scheduler state dicts to `torch.save` files that are
+read back with `weights_only=True` (no code runs on load), everything else to JSON. A checkpoint is written to a
+temporary folder and renamed into place, so a kill at any moment leaves either the previous checkpoint or the new one,
+never half of one. A run that has not trained since the previous checkpoint has its files hard-linked, not rewritten.
+
+Resuming (`trainer.train(resume_from_checkpoint=True)` or a path, or `rf-callbacks resume --dir OUT`, which reruns the
+script that wrote it) rebuilds the runs from the same script's configs plus the recorded clones, loads their state,
+cuts `ledger.jsonl` back to its length at the checkpoint (what was logged after it is logged again, not twice), and
+goes on from the next slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerState
+
+from .ops import Op
+from .run import Run
+
+FORMAT = 1
+RESUME_ENV = "RF_CALLBACKS_RESUME"  # set by `rf-callbacks resume`: the rerun script's `train()` resumes
+SCALARS = (
+    "_total_loss_scalar",
+    "_globalstep_last_logged",
+    "_initial_num_input_tokens_seen",
+    "_initial_global_step",
+    "current_flos",
+    "current_gradient_accumulation_steps",
+)
+
+
+def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `checkpoint-<k>` under `<output_dir>/checkpoints` (temporary folders do not count)."""
+    root = checkpoints_dir(output_dir)
+    found = [p for p in root.glob("checkpoint-*") if _number(p) >= 0 and (p / "checkpoint.json").exists()]
+    return max(found, key=_number, default=None)
+
+
+def _number(path: Path) -> int:
+    suffix = path.name.rsplit("-", 1)[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _rng_to_files(rng: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.cpu": rng["cpu"]}
+    for i, state in enumerate(rng.get("cuda", [])):
+        tensors[f"rng.cuda.{i}"] = state
+    version, keys, gauss = rng["python"]
+    kind, numpy_keys, pos, has_gauss, cached = rng["numpy"]
+    record = {
+        "python": [version, list(keys), gauss],
+        "numpy": [kind, numpy_keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "cuda_devices": len(rng.get("cuda", [])),
+    }
+    return tensors, record
+
+
+def _rng_from_files(tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> dict[str, Any]:
+    version, keys, gauss = record["python"]
+    kind, numpy_keys, pos, has_gauss, cached = record["numpy"]
+    rng = {
+        "python": (version, tuple(keys), gauss),
+        "numpy": (kind, np.array(numpy_keys, dtype=np.uint32), pos, has_gauss, cached),
+        "cpu": tensors["rng.cpu"],
+    }
+    if record["cuda_devices"]:
+        rng["cuda"] = [tensors[f"rng.cuda.{i}"] for i in range(record["cuda_devices"])]
+    return rng
+
+
+def _policy_state(policy: Any) -> dict[str, Any] | None:
+    if callable(getattr(policy, "state_dict", None)):
+        return policy.state_dict()
+    if dataclasses.is_dataclass(policy):  # the built-in policies keep their memory in non-init fields
+        return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if not f.init}
+    return None
+
+
+def _load_policy_state(policy: Any, state: dict[str, Any] | None) -> None:
+    if state is None:
+        return
+    if callable(getattr(policy, "load_state_dict", None)):
+        policy.load_state_dict(state)
+    else:
+        for key, value in state.items():
+            setattr(policy, key, value)
+
+
+class CheckpointMixin:
+    """The checkpoint half of `MultiConfigMixin`: `_checkpoint()` at boundaries, `_resume(path)` before the loop."""
+
+    def _init_checkpoints(self, every: int | None) -> None:
+        args = self._rf_shared_args
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+            raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {every!r}")
+        enabled = self.supports_checkpoints and args.save_strategy != "no"
+        self._rf_checkpoint_every = (every or 1) if enabled else None
+        self._rf_keep = args.save_total_limit or 2
+        self._rf_boundaries = 0  # boundaries reached in this experiment (checkpoints are numbered by it)
+        self._rf_since_checkpoint = 0
+        self._rf_clones: dict[str, dict[str, Any]] = {}  # child -> how it was made
+        self._rf_resume: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------ writing
+    def _maybe_checkpoint(self, final: bool = False) -> None:
+        every = self._rf_checkpoint_every
+        if every is None or not self._rf_shared_args.should_save:
+            return
+        if self._rf_since_checkpoint >= every or (final and self._rf_since_checkpoint):
+            self._checkpoint()
+
+    def _checkpoint(self) -> Path:
+        if self._rf_active is not None:
+            self._park(self._rf_active)
+        root = checkpoints_dir(self._rf_output_dir)
+        final = root / f"checkpoint-{self._rf_boundaries}"
+        temp = root / f".tmp-checkpoint-{self._rf_boundaries}"
+        shutil.rmtree(temp, ignore_errors=True)
+        (temp / "runs").mkdir(parents=True)
+        records = []
+        for run in self.coordinator:
+            folder = temp / "runs" / run.name
+            folder.mkdir()
+            if run.checkpoint_files is not None and not run.dirty:
+                for source in run.checkpoint_files.iterdir():
+                    os.link(source, folder / source.name)
+            else:
+                self._write_run(run, folder)
+            records.append(self._run_record(run))
+        for reporter in self._rf_reporters:
+            reporter.flush()
+        self._rf_ledger.sync()
+        manifest = {
+            "format": FORMAT,
+            "trainer": type(self).__name__,
+            "boundary": self._rf_boundaries,
+            "time": time.time(),
+            "ledger_bytes": self._rf_ledger.path.stat().st_size,
+            "num_chunks": self._rf_num_chunks,
+            "runs": records,
+            "pending_ops": [self._op_record(op) for op in self._rf_pending],
+            "policies": [_policy_state(policy) for policy in self._rf_policies],
+            "reporters": [reporter.state_dict() for reporter in self._rf_reporters],
+            "argv": [sys.executable, *sys.argv],
+            "cwd": os.getcwd(),
+        }
+        (temp / "checkpoint.json").write_text(json.dumps(manifest, indent=1, default=str), encoding="utf-8")
+        if final.exists():  # written before a resume went back past it
+            shutil.rmtree(final)
+        os.replace(temp, final)
+        _fsync_dir(root)
+        for run in self.coordinator:
+            run.checkpoint_files, run.dirty = final / "runs" / run.name, False
+        self._rf_since_checkpoint = 0
+        self._rf_ledger.write(None, None, None, "checkpoint", path=str(final))
+        done = sorted((p for p in root.glob("checkpoint-*") if p != final and _number(p) >= 0), key=_number)
+        for old in done[: max(0, len(done) - self._rf_keep + 1)]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _write_run(self, run: Run, folder: Path) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        record: dict[str, Any] = {}
+        if run.status != "deleted":
+            prefix = f".{run.spec.adapter_name}."
+            for name, param in self.model.named_parameters():
+                if prefix in name:
+                    tensors[f"adapter.{name}"] = param.detach().to("cpu", copy=True).contiguous()
+            for name, value in (run.boundary_weights or {}).items():
+                tensors[f"boundary.{name}"] = value.contiguous()
+        if run.attributes and run.status != "deleted":
+            attributes = run.attributes
+            tensors["tr_loss"] = attributes["_tr_loss"].detach().to("cpu", copy=True).reshape(1)
+            rng_tensors, record["rng"] = _rng_to_files(run.rng)
+            tensors.update(rng_tensors)
+            record["scalars"] = {name: attributes[name] for name in SCALARS}
+            record["extra"] = self._checkpoint_extra_state(run)
+            torch.save(attributes["optimizer"].state_dict(), folder / "optimizer.pt")
+            torch.save(attributes["lr_scheduler"].state_dict(), folder / "scheduler.pt")
+        if run.optimizer_init is not None:
+            torch.save(run.optimizer_init, folder / "optimizer_init.pt")
+        if run.state is not None:
+            run.state.save_to_json(str(folder / "trainer_state.json"))
+        save_file(tensors, folder / "state.safetensors")
+        (folder / "state.json").write_text(json.dumps(record), encoding="utf-8")
+
+    def _run_record(self, run: Run) -> dict[str, Any]:
+        grad_norm, learning_rate = run.last_step
+        return {
+            "name": run.name,
+            "status": run.status,
+            "next_slice": run.next_slice,
+            "slices_done": run.slices_done,
+            "wall_time": run.wall_time,
+            "error": run.error,
+            "reason": run.reason,
+            "activated": bool(run.attributes) and run.status != "deleted",
+            "last_step": [None if grad_norm is None else float(grad_norm), learning_rate],
+            "train_metrics": run.train_metrics,
+            "clone": self._rf_clones.get(run.name),
+        }
+
+    @staticmethod
+    def _op_record(op: Op) -> dict[str, Any]:
+        fields = ("kind", "run", "overrides", "warm_start", "copy_optimizer", "name", "source", "reason")
+        return {key: getattr(op, key) for key in fields}
+
+    def _checkpoint_extra_state(self, run: Run) -> dict[str, Any]:
+        """The trainer subclass's own per-run state that a boundary does not reset (JSON)."""
+        attributes, extra = run.attributes, {}
+        if "_metrics" in attributes:
+            extra["_metrics"] = {split: dict(values) for split, values in attributes["_metrics"].items()}
+        if "_total_train_tokens" in attributes:
+            extra["_total_train_tokens"] = attributes["_total_train_tokens"]
+        return extra
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        if "_metrics" in extra:
+            self._metrics = {split: defaultdict(list, values) for split, values in extra["_metrics"].items()}
+        if "_total_train_tokens" in extra:
+            self._total_train_tokens = extra["_total_train_tokens"]
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | os.PathLike) -> Path:
+        if resume_from_checkpoint is True:
+            path = latest_checkpoint(self._rf_output_dir)
+            if path is None:
+                raise ValueError(
+                    f"resume_from_checkpoint=True but {checkpoints_dir(self._rf_output_dir)} holds no checkpoint "
+                    f"(checkpoints are written when save_strategy is not 'no')"
+                )
+            return path
+        path = Path(resume_from_checkpoint)
+        if path.is_dir() and not (path / "checkpoint.json").exists():
+            path = latest_checkpoint(path) or latest_checkpoint(path.parent) or path
+        if not (path / "checkpoint.json").exists():
+            raise ValueError(
+                f"resume_from_checkpoint={str(resume_from_checkpoint)!r} is not an rf-callbacks checkpoint"
+            )
+        return path
+
+    def _resume(self, path: Path) -> None:
+        manifest = json.loads((path / "checkpoint.json").read_text(encoding="utf-8"))
+        if manifest.get("format") != FORMAT or manifest.get("trainer") != type(self).__name__:
+            raise ValueError(
+                f"{path} was written by {manifest.get('trainer')} (format {manifest.get('format')}), not by "
+                f"{type(self).__name__} (format {FORMAT})"
+            )
+        records = manifest["runs"]
+        originals = [r["name"] for r in records if r["clone"] is None]
+        if originals != list(self.coordinator.runs):
+            raise ValueError(
+                f"{path} holds runs {originals}, but this trainer was built with {list(self.coordinator.runs)}; "
+                f"resume with the configs that started the experiment"
+            )
+        if manifest["num_chunks"] != self._rf_num_chunks:
+            raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {self._rf_num_chunks}")
+        ledger = self._rf_output_dir / "ledger.jsonl"
+        if ledger.exists():
+            with open(ledger, "r+b") as handle:  # what came after the checkpoint is written again
+                handle.truncate(manifest["ledger_bytes"])
+        self._open_experiment(resuming=True)
+        for reporter, state in zip(self._rf_reporters, manifest["reporters"]):
+            reporter.load_state_dict(state)
+        for record in records:
+            if record["clone"] is not None:
+                self._restore_clone(record["clone"])
+        for record in records:
+            self._restore_run(self.coordinator[record["name"]], record, path / "runs" / record["name"])
+        for policy, state in zip(self._rf_policies, manifest["policies"]):
+            _load_policy_state(policy, state)
+        self._rf_pending = [Op(**op) for op in manifest["pending_ops"]]
+        for op in self._rf_pending:
+            if op.kind == "clone":
+                op.spec = self._clone_spec(op)
+        self._rf_boundaries = manifest["boundary"]
+        self._rf_ledger.write(None, None, None, "resumed", path=str(path))
+
+    def _restore_clone(self, record: dict[str, Any]) -> None:
+        op = Op("clone", record["parent"], record["overrides"], record["warm_start"], record["copy_optimizer"],
+                record["name"], source=record["source"], reason=record["reason"])  # fmt: skip
+        op.spec = self._clone_spec(op)
+        self._add_clone(op, self.coordinator[op.run], start_slice=record["start_slice"], restoring=True)
+
+    def _restore_run(self, run: Run, record: dict[str, Any], folder: Path) -> None:
+        tensors = load_file(folder / "state.safetensors")
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        if record["status"] == "deleted":
+            if run.status != "deleted":
+                self._free_run(run)
+        else:
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for key, value in tensors.items():
+                    if key.startswith("adapter."):
+                        params[key[len("adapter.") :]].copy_(value)
+            if record["activated"]:
+                self._activate(run)
+                self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+                self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+                self._tr_loss = tensors["tr_loss"].to(self.args.device).reshape(())
+                for name, value in state["scalars"].items():
+                    setattr(self, name, value)
+                self._load_extra_state(state["extra"])
+                run.rng = _rng_from_files(tensors, state["rng"])
+            boundary = {k[len("boundary.") :]: v for k, v in tensors.items() if k.startswith("boundary.")}
+            run.boundary_weights = boundary or None
+            if (folder / "optimizer_init.pt").exists():
+                run.optimizer_init = torch.load(folder / "optimizer_init.pt", weights_only=True)
+        if (folder / "trainer_state.json").exists():
+            loaded = TrainerState.load_from_json(str(folder / "trainer_state.json"))
+            if run.state is not None:
+                loaded.stateful_callbacks = run.state.stateful_callbacks
+            if self._rf_active is run:
+                self.state = loaded
+            run.attributes["state"] = loaded
+        if self._rf_active is run:
+            self._park(run)
+        run.status, run.next_slice, run.slices_done = record["status"], record["next_slice"], record["slices_done"]
+        run.wall_time, run.error, run.reason = record["wall_time"], record["error"], record["reason"]
+        run.last_step, run.train_metrics = tuple(record["last_step"]), record["train_metrics"]
+        run.checkpoint_files, run.dirty = folder, False
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,145 @@
+"""Reliability under hostile use: request floods, ops on deleted runs, another OS user, and a soak of 200 random
+valid IC ops during a 6-run training that must leave a state consistent with the ledger and no leaked adapters."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+from test_control import Running, live_trainer, raw
+
+from rf_callbacks import RFSFTTrainer
+from rf_callbacks.control.client import request
+from rf_callbacks.demo import build_tiny_model
+from rf_callbacks.ops import OpError
+from rf_callbacks.reporting import read_ledger
+
+
+def test_request_flood_and_ops_on_deleted_runs(tokenizer, chat_data, sft_args, tmp_path):
+    out = tmp_path / "out"
+    trainer = live_trainer(tokenizer, chat_data, sft_args, out)
+    with Running(trainer, out):
+        started = time.perf_counter()
+        replies = raw(out / "control.sock", b'{"op": "status"}\n' * 3000)  # one pipelined connection
+        answered = [threading.Thread(target=lambda: [request(out, {"op": "ls"}) for _ in range(100)])]
+        answered += [threading.Thread(target=lambda: [request(out, {"op": "status"}) for _ in range(100)])]
+        for thread in answered:
+            thread.start()
+        for thread in answered:
+            thread.join()
+        rate = (3000 + 200) / (time.perf_counter() - started)
+        assert len(replies) == 3000 and all(reply["ok"] for reply in replies)
+        assert rate > 300, f"{rate:.0f} requests/s"
+        assert request(out, {"op": "delete", "run": "c"})["ok"]
+        for op in ({"op": "stop", "run": "c"}, {"op": "resume", "run": "c"}, {"op": "delete", "run": "c"}):
+            reply = request(out, op)
+            assert not reply["ok"] and "it is deleted" in reply["error"], reply
+        clone = request(out, {"op": "clone", "run": "c", "warm_start": True})  # a deleted run's config stays
+        assert clone["ok"], clone
+        assert set(trainer.runs.runs) == {"a", "b", "c", "c-clone-1"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second OS user")
+def test_another_os_user_is_refused(tokenizer, chat_data, sft_args):
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    folder.chmod(0o755)  # let the other user reach the socket file, so the server's own check is what refuses
+    try:
+        out = folder / "out"
+        trainer = live_trainer(tokenizer, chat_data, sft_args, out)
+        with Running(trainer, out):
+            out.chmod(0o755)
+            probe = (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "try:\n"
+                f"    s.connect({str(out / 'control.sock')!r})\n"
+                "except PermissionError:\n"
+                "    print('connect refused'); sys.exit()\n"
+                's.sendall(b\'{"op": "delete", "run": "a"}\\n\')\n'
+                "print(s.recv(4096).decode())\n"
+            )
+            as_nobody = {"user": 65534, "capture_output": True, "text": True, "timeout": 60}
+            assert subprocess.run([sys.executable, "-c", probe], **as_nobody).stdout.strip() == "connect refused"
+            (out / "control.sock").chmod(0o666)  # even with the file open to all, the peer's uid is checked
+            reply = subprocess.run([sys.executable, "-c", probe], **as_nobody).stdout
+            assert "permission denied: not the owner of this training" in reply
+            assert trainer.runs["a"].status in ("pending", "running")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_soak_200_random_ops_during_a_6_run_training(tokenizer, chat_data, sft_args, tmp_path):
+    model = build_tiny_model(tokenizer)
+    base_parameters = sum(p.numel() for p in model.parameters())
+    trainer = RFSFTTrainer(
+        model=model,
+        args=sft_args(output_dir=str(tmp_path), max_steps=60, logging_steps=5),
+        train_dataset=chat_data[0],
+        processing_class=tokenizer,
+        configs=[
+            {"name": f"r{i}", "peft_config": LoraConfig(r=2 + i, target_modules=["q_proj", "v_proj"])}
+            for i in range(6)
+        ],
+        num_chunks=4,
+        control_socket=False,
+    )
+    rng = random.Random(0)
+    accepted, refused = [], 0
+
+    def storm():
+        nonlocal refused
+        while len(accepted) < 200:
+            runs = list(trainer.runs)
+            run = rng.choice(runs)
+            kind = rng.choice(["stop", "resume", "delete", "clone", "clone", "resume"])
+            try:
+                if kind == "clone":
+                    name = trainer.clone(run.name, {"learning_rate": rng.choice([1e-3, 2e-3])}, rng.random() < 0.5)
+                else:
+                    name = getattr(trainer, kind)(run.name)
+                accepted.append((kind, name))
+            except OpError:
+                refused += 1
+            time.sleep(rng.uniform(0, 0.01))
+
+    thread = threading.Thread(target=storm)
+    thread.start()
+    while thread.is_alive():  # keep training while the storm lasts: resume what it stopped, train again
+        trainer.train()
+        for run in trainer.runs:
+            if run.status == "stopped" and thread.is_alive():
+                with contextlib.suppress(OpError):  # the storm may have deleted it meanwhile
+                    trainer.resume(run.name)
+    thread.join()
+    trainer.train()
+    assert len(accepted) == 200 and refused > 0
+
+    # Every accepted op was applied or skipped (its run had changed status), each exactly once.
+    records = read_ledger(tmp_path / "ledger.jsonl")
+    issued = [r for r in records if r["event"] == "op" and r["accepted"]]
+    done = [r for r in records if r["event"] in ("op_applied", "op_skipped")]
+    assert len(issued) >= 200 and len(done) == len(issued)
+    # The final statuses are the last ones the ledger recorded.
+    last = {r["run"]: r["status"] for r in records if r["event"] == "status"}
+    assert {run.name: run.status for run in trainer.runs} == last
+    # No leaked adapters or optimizers: only runs that are not deleted hold them; deleting all of them gets the
+    # model back to its base parameters.
+    alive = {run.spec.adapter_name for run in trainer.runs if run.status != "deleted"}
+    assert set(trainer.model.peft_config) == alive
+    for run in list(trainer.runs):
+        if run.status != "deleted":
+            trainer.delete(run.name)
+    assert not trainer.model.peft_config or set(trainer.model.peft_config) == set()
+    assert sum(p.numel() for p in trainer.model.parameters()) == base_parameters
+    assert not trainer.accelerator._optimizers
