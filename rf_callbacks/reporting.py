@@ -66,10 +66,11 @@ def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+    """Write to a temporary file in the same folder, then rename: readers never see half a file. The temporary name
+    is the writer's own (process and thread), so two threads writing the same file never clash."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
