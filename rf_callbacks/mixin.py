@@ -115,6 +115,7 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
             raise ValueError("dashboard=True needs control_socket=True (the page talks to the training through it)")
         self._rf_policies = self._check_policies(policies)
         self._rf_decay_names: tuple = (None, None)
+        self._rf_base_parameters: int | None = None
         self._rf_mode: bool | None = None
         self._rf_boundary_eval = boundary_eval
         self._rf_control_socket, self._rf_dashboard = control_socket, dashboard
@@ -204,8 +205,10 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
             trainable = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
             run.trainable_names, run.trainable = [name for name, _ in trainable], [param for _, param in trainable]
             self._snapshot(run)
-            others = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n and not p.requires_grad)
-            run.num_parameters = self.model.num_parameters(exclude_embeddings=True) - others
+            if self._rf_base_parameters is None:  # the base without embeddings, counted once (a walk over all)
+                adapters = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)
+                self._rf_base_parameters = self.model.num_parameters(exclude_embeddings=True) - adapters
+            run.num_parameters = self._rf_base_parameters + sum(p.numel() for p in run.trainable)
         for name in self.run_attributes:
             setattr(self, name, run.attributes[name])
         if run.offloaded:

@@ -138,6 +138,7 @@ class SuccessiveHalving:
     eta: int = 2
     min_chunks: int = 1
     rung: int = field(default=0, init=False)
+    done: bool = field(default=False, init=False)  # one run left: no more rungs to judge
 
     def __post_init__(self):
         _check_mode(self.mode)
@@ -150,6 +151,8 @@ class SuccessiveHalving:
         return self.min_chunks * self.eta**rung
 
     def evaluates_at(self, slices: int) -> bool:
+        if self.done:
+            return False
         rung = 0
         while self.rung_slices(rung) < slices:
             rung += 1
@@ -170,6 +173,7 @@ class SuccessiveHalving:
                 ops.append(Op("stop", run.name, source=type(self).__name__, reason=reason))
             active = [run for _, run in ranked[:keep]]
             self.rung += 1
+        self.done = self.done or (len(active) <= 1 and bool(ops))
         return ops
 
 

@@ -71,6 +71,8 @@ def test_successive_halving_rungs_and_reasons():
     assert [op.run for op in ops] == ["r0"]
     apply(values, ops)
     assert list(values) == ["r3"]
+    assert policy.done and not policy.evaluates_at(8)  # nothing left to judge: no more rung evaluations
+    assert SuccessiveHalving(eta=2).evaluates_at(4) and not SuccessiveHalving(eta=2).evaluates_at(3)
     for frontier in range(5, 20):  # the survivor is never stopped
         assert policy.on_boundary(view(values, frontier)) == []
 
