@@ -255,7 +255,8 @@ def main() -> None:
         print(
             f"model: hidden {opts.hidden}, {opts.layers} layers, {params / 1e6:.1f}M parameters, {opts.device}; "
             f"{opts.rows} rows x {opts.epochs} epochs = {setup.steps} steps of batch {opts.batch}; "
-            f"{opts.chunks} chunks of {setup.steps_per_chunk} step(s) per epoch; rungs at chunks {setup.rungs} (eta {opts.eta}); "
+            f"{opts.chunks} chunks of {setup.steps_per_chunk} step(s) per epoch; "
+            f"rungs at chunks {setup.rungs} (eta {opts.eta}); "
             f"eval set {opts.eval_rows} rows",
             flush=True,
         )

@@ -154,3 +154,30 @@ def test_soak_200_random_ops_during_a_6_run_training(tokenizer, chat_data, sft_a
     assert not trainer.model.peft_config or set(trainer.model.peft_config) == set()
     assert sum(p.numel() for p in trainer.model.parameters()) == base_parameters
     assert not trainer.accelerator._optimizers
+
+
+def test_a_clone_whose_adapter_cannot_be_built_fails_alone(tokenizer, chat_data, sft_args, tmp_path):
+    trainer = RFSFTTrainer(
+        model=build_tiny_model(tokenizer),
+        args=sft_args(output_dir=str(tmp_path), max_steps=6),
+        train_dataset=chat_data[0],
+        processing_class=tokenizer,
+        configs=[{"name": n, "peft_config": LoraConfig(r=2, target_modules=["q_proj"])} for n in ("a", "b")],
+        num_chunks=2,
+        control_socket=False,
+    )
+
+    def out_of_memory(*args, **kwargs):  # fault injection: what a full GPU does to a new adapter
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    trainer.model.add_adapter = out_of_memory
+    child = trainer.clone("a", {"learning_rate": 1e-4})
+    del trainer.model.add_adapter
+    trainer.train()
+    rows = {row["name"]: row for row in trainer.results()}
+    assert rows[child]["status"] == "failed"
+    assert rows[child]["error"] == "adapter could not be built: RuntimeError: CUDA out of memory (injected)"
+    assert rows["a"]["status"] == rows["b"]["status"] == "completed"
+    assert child not in trainer.model.peft_config
+    status = [r for r in read_ledger(tmp_path / "ledger.jsonl") if r["event"] == "status" and r["run"] == child]
+    assert status[-1]["status"] == "failed" and "injected" in status[-1]["error"]
