@@ -107,21 +107,28 @@ class Setup:
 
 
 # --------------------------------------------------------------------------------------------------- (a)
+def plain_trainer(setup: Setup, lr: float, r: int, out: str, callbacks=()) -> SFTTrainer:
+    """What a user's loop builds per config: load the model, seed, build a plain `SFTTrainer`."""
+    model = setup.model()
+    set_seed(0)
+    trainer = SFTTrainer(
+        model=model,
+        args=setup.args(out, learning_rate=lr),
+        train_dataset=setup.train,
+        eval_dataset=setup.eval,
+        processing_class=setup.tokenizer,
+        peft_config=peft_config(r),
+        callbacks=list(callbacks),
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def plain_all(setup: Setup, size: int) -> dict:
     per_config = {}
     for lr, r in grid(size):
         started = time.perf_counter()
-        model = setup.model()
-        set_seed(0)
-        trainer = SFTTrainer(
-            model=model,
-            args=setup.args(f"{setup.work}/plain-{name(lr, r)}", learning_rate=lr),
-            train_dataset=setup.train,
-            eval_dataset=setup.eval,
-            processing_class=setup.tokenizer,
-            peft_config=peft_config(r),
-        )
-        trainer.remove_callback(PrinterCallback)
+        trainer = plain_trainer(setup, lr, r, f"{setup.work}/plain-{name(lr, r)}")
         trainer.train()
         loss = trainer.evaluate()["eval_loss"]
         per_config[name(lr, r)] = {"seconds": time.perf_counter() - started, "eval_loss": loss}
@@ -167,19 +174,8 @@ def optuna_search(setup: Setup, size: int, order: int) -> dict:
     def objective(trial):
         lr, r = trial.suggest_categorical("lr", space["lr"]), trial.suggest_categorical("r", space["r"])
         order_seen.append(name(lr, r))
-        model = setup.model()
-        set_seed(0)
         callback = ReportAtRungs(trial, setup.steps_per_chunk, setup.rungs)
-        trainer = SFTTrainer(
-            model=model,
-            args=setup.args(f"{setup.work}/optuna-{size}-{order}-{trial.number}", learning_rate=lr),
-            train_dataset=setup.train,
-            eval_dataset=setup.eval,
-            processing_class=setup.tokenizer,
-            peft_config=peft_config(r),
-            callbacks=[callback],
-        )
-        trainer.remove_callback(PrinterCallback)
+        trainer = plain_trainer(setup, lr, r, f"{setup.work}/optuna-{size}-{order}-{trial.number}", [callback])
         trainer.train()
         if callback.pruned:
             raise optuna.TrialPruned()

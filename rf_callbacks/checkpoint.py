@@ -34,18 +34,10 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
 from .ops import Op
-from .run import Run
+from .run import TRAINER_SCALARS, Run
 
 FORMAT = 1
 RESUME_ENV = "RF_CALLBACKS_RESUME"  # set by `rf-callbacks resume`: the rerun script's `train()` resumes
-SCALARS = (
-    "_total_loss_scalar",
-    "_globalstep_last_logged",
-    "_initial_num_input_tokens_seen",
-    "_initial_global_step",
-    "current_flos",
-    "current_gradient_accumulation_steps",
-)
 
 
 def checkpoints_dir(output_dir: str | os.PathLike) -> Path:
@@ -196,7 +188,7 @@ class CheckpointMixin:
             tensors["tr_loss"] = attributes["_tr_loss"].detach().to("cpu", copy=True).reshape(1)
             rng_tensors, record["rng"] = _rng_to_files(run.rng)
             tensors.update(rng_tensors)
-            record["scalars"] = {name: attributes[name] for name in SCALARS}
+            record["scalars"] = {name: attributes[name] for name in TRAINER_SCALARS}
             record["extra"] = self._checkpoint_extra_state(run)
             torch.save(attributes["optimizer"].state_dict(), folder / "optimizer.pt")
             torch.save(attributes["lr_scheduler"].state_dict(), folder / "scheduler.pt")

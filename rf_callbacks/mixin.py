@@ -50,7 +50,7 @@ from .policies import BoundaryView, Policy, RunView
 from .progress import RunsProgressCallback
 from .reporters import Reporter
 from .reporting import Ledger, LogEventsCallback, write_json_atomic
-from .run import Run
+from .run import TRAINER_SCALARS, Run
 from .tracking import TrackingMixin
 
 logger = logging.getLogger(__name__)
@@ -78,12 +78,7 @@ RUN_ATTRIBUTES = (
     "eval_dataset",
     "_train_batch_size",
     "_tr_loss",
-    "_total_loss_scalar",
-    "_globalstep_last_logged",
-    "_initial_num_input_tokens_seen",
-    "_initial_global_step",
-    "current_flos",
-    "current_gradient_accumulation_steps",
+    *TRAINER_SCALARS,
 )
 
 

@@ -14,6 +14,15 @@ from typing import Any
 from .chunks import DataPlan
 from .configs import RunSpec
 
+# The trainer's per-run counters that are plain numbers (parked with the run, saved as JSON in checkpoints).
+TRAINER_SCALARS = (
+    "_total_loss_scalar",
+    "_globalstep_last_logged",
+    "_initial_num_input_tokens_seen",
+    "_initial_global_step",
+    "current_flos",
+    "current_gradient_accumulation_steps",
+)
 STATUSES = ("pending", "running", "stopped", "completed", "failed", "deleted")
 ACTIVE_STATUSES = ("pending", "running")
 
