@@ -262,3 +262,17 @@ def test_run_named_default_gets_no_ref_copy_and_ref_is_reserved(make_model, toke
             model=make_model(), args=dpo_config(tmp_path / "r"), train_dataset=train, processing_class=tokenizer,
             configs=[{"name": "ref", "peft_config": lora()}],
         )  # fmt: skip
+
+
+def test_policies_steer_dpo_runs(make_model, tokenizer, prefs, tmp_path):
+    from rf_callbacks.policies import SuccessiveHalving
+
+    configs = [{"name": "fast", "peft_config": lora(), "learning_rate": 1e-2}, {"name": "slow", "peft_config": lora(),
+               "learning_rate": 1e-6}]  # fmt: skip
+    args = dpo_config(tmp_path, max_steps=12)
+    trainer = rf_dpo(make_model, tokenizer, prefs[0], args, configs, 4, policies=[SuccessiveHalving(metric="loss")])
+    rows = {row["name"]: row for row in trainer.results()}
+    stopped = [row for row in rows.values() if row["status"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["global_step"] == 3
+    assert stopped[0]["reason"].startswith("stopped by SuccessiveHalving at chunk 1 (rung 0, kept 1 of 2): loss")
+    assert sum(row["status"] == "completed" for row in rows.values()) == 1

@@ -253,3 +253,26 @@ def test_dpo_group_shares_one_reference_model_from_ref_model_name(tmp_path, monk
     assert list(info["status"]) == ["completed", "completed"]
     assert loaded == [str(reference_dir)]  # one reference model for the whole group
     experiment.end()
+
+
+def test_run_fit_takes_policies(rows, tmp_path):
+    from rf_callbacks.policies import SuccessiveHalving
+
+    train_dataset, eval_dataset = rows
+    configs = List(
+        [
+            RFModelConfig(
+                model_name="tiny",
+                peft_config=RFLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+                training_args=sft(learning_rate=lr),
+                formatting_func=to_prompt_completion,
+            )
+            for lr in (1e-2, 1e-6)
+        ]
+    )
+    experiment = Experiment(experiment_name="halving", experiment_path=tmp_path)
+    policies = [SuccessiveHalving(eta=2)]
+    experiment.run_fit(configs, ModelFactory(), train_dataset, eval_dataset, num_chunks=4, policies=policies)
+    info = experiment.get_runs_info().set_index("run_id")
+    assert sorted(info["status"]) == ["completed", "stopped"]
+    assert policies[0].rung == 0  # each group got its own copy; the caller's object is untouched
