@@ -274,7 +274,15 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
             if not self.supports_checkpoints:
                 raise NotImplementedError(f"{type(self).__name__} cannot resume from a checkpoint yet")
             self._rf_resume = self._resolve_checkpoint(resume_from_checkpoint)
-        return super().train(None, trial, ignore_keys_for_eval, **kwargs)
+        with self._rf_ops_lock:  # from here on ops wait for a safe point: `Trainer.train` moves the model around
+            self._rf_training = True
+        try:
+            return super().train(None, trial, ignore_keys_for_eval, **kwargs)
+        finally:
+            with self._rf_ops_lock:
+                if self._rf_training:  # the loop never started (an error before it): apply what waited
+                    self._rf_training = False
+                    self._apply_pending()
 
     def _inner_training_loop(
         self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None

@@ -357,7 +357,7 @@ def test_serve_forever_prints_the_url_and_stops_on_ctrl_c(tmp_path):
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.status == 200
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=10) == 0
+        assert process.wait(timeout=30) == 0
     finally:
         if process.poll() is None:
             process.kill()
