@@ -4,6 +4,7 @@ itself in headless Chromium (marked `browser`; skipped when chromium, chromedriv
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -349,7 +350,12 @@ def test_import_is_light_and_the_page_is_self_contained():
 
 def test_serve_forever_prints_the_url_and_stops_on_ctrl_c(tmp_path):
     code = f"from rf_callbacks.dashboard import serve_forever; serve_forever({str(tmp_path)!r})"
-    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    # A background job (CI, `nohup ... &`) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+    # handler: give the child the default disposition, as a terminal would.
+    restore = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True, preexec_fn=restore
+    )
     try:
         line = process.stdout.readline().strip()
         assert re.fullmatch(r"Dashboard: http://127\.0\.0\.1:\d+/\?token=[\w-]+", line), line
