@@ -12,13 +12,18 @@ optimizer step; everything else at the next boundary. When no training loop is r
   `warm_start=True` its adapter starts from the parent's weights as of the parent's last completed boundary (same rank
   and target modules required); `copy_optimizer=True` also copies the parent's optimizer moments as of its latest step
   (the child's learning rate and schedule stay its own).
+
+Automatic policies (`policies.py`) are asked what to do each time a run reaches a boundary (`_run_policies`) and
+answer with the same ops, validated, applied and recorded the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
+import logging
 import threading
 from typing import Any
 
@@ -28,11 +33,15 @@ from transformers import set_seed
 
 from .configs import RunSpec, parse_configs
 from .ops import VALID_FROM, Op, OpError, merge_peft_overrides, parse_request
+from .policies import BoundaryView, Policy, RunView
 from .run import Run
+
+logger = logging.getLogger(__name__)
 
 
 class InteractiveMixin:
-    """The IC-op half of `MultiConfigMixin` (which calls `_init_control` and the safe-point hooks)."""
+    """The IC-op half of `MultiConfigMixin` (which calls `_init_control` and the safe-point hooks), and the glue that
+    lets policies issue the same ops at boundaries."""
 
     def _init_control(self) -> None:
         self._rf_ops_lock = threading.RLock()
@@ -189,6 +198,70 @@ class InteractiveMixin:
         spec.summary["parent"] = op.run
         spec.summary["warm_start"] = op.warm_start
         return spec
+
+    # ------------------------------------------------------------------------------------------ policies
+    def _check_policies(self, policies: list[Policy] | None) -> list[Policy]:
+        policies = list(policies or [])
+        for i, policy in enumerate(policies):
+            if not isinstance(policy, Policy):
+                raise ValueError(f"policies[{i}] must have an on_boundary(view) method, got {type(policy).__name__}")
+            metric = getattr(policy, "metric", None)  # the built-in policies say what they compare
+            if isinstance(metric, str) and metric.startswith("eval_") and self.eval_dataset is None:
+                raise ValueError(
+                    f"policies[{i}] ({type(policy).__name__}) compares {metric!r}, which needs an eval_dataset; pass "
+                    f"one, or use metric='loss'"
+                )
+        return policies
+
+    def _wants_eval(self, run: Run, finished: bool) -> bool:
+        """Whether `run` is evaluated at the boundary it just reached (after slice `run.next_slice`)."""
+        if self._evaluated_at_current_step():
+            return False
+        if finished or self._rf_boundary_eval:
+            return True
+        slices = run.next_slice + 1
+        return any(getattr(p, "evaluates_at", lambda _: True)(slices) for p in self._rf_policies)
+
+    def _boundary_view(self, run: Run) -> BoundaryView:
+        views = {}
+        for index, each in enumerate(self.coordinator):
+            history = list(each.state.log_history) if each.state is not None else []
+            metrics = {k: v for entry in history for k, v in entry.items() if isinstance(v, (int, float))}
+            views[each.name] = RunView(
+                name=each.name,
+                status=each.status,
+                index=index,
+                slices=each.next_slice,
+                global_step=each.global_step,
+                max_steps=each.plan.max_steps,
+                metrics=metrics,
+                history=history,
+                args=each.args,
+                parent=each.spec.parent,
+            )
+        active = self.coordinator.active()
+        frontier = min(each.next_slice for each in active) if active else max(v.slices for v in views.values())
+        return BoundaryView(run=run.name, frontier=frontier, num_chunks=self._rf_num_chunks, runs=views)
+
+    def _run_policies(self, run: Run) -> None:
+        """Ask each policy what to do now that `run` reached a boundary; apply its ops before the next slice."""
+        for policy in list(self._rf_policies):
+            name = type(policy).__name__
+            try:
+                ops = policy.on_boundary(self._boundary_view(run))
+                if not all(isinstance(op, Op) for op in ops or ()):
+                    raise TypeError(f"on_boundary must return a list of Op, got {ops!r}")
+            except Exception as error:  # a broken policy must not end the experiment
+                logger.exception("policy %s failed and is disabled", name)
+                self._rf_policies.remove(policy)
+                self._ledger().write(run.name, run.global_step, run.current_chunk, "policy_error", policy=name,
+                                     error=f"{type(error).__name__}: {error}")  # fmt: skip
+                continue
+            for op in ops or ():
+                op.source = op.source if op.source != "python" else name
+                with contextlib.suppress(OpError):  # refused ops are in the ledger with the reason
+                    self.submit_op(op)
+            self._apply_pending()
 
     # ------------------------------------------------------------------------------------------- applying
     def _apply_pending(self) -> None:

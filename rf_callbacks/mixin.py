@@ -36,7 +36,6 @@ from .configs import RunSpec
 from .control.server import ControlServer
 from .coordinator import Coordinator
 from .interactive import InteractiveMixin
-from .ops import Op, OpError
 from .parking import (
     capture_rng,
     offload_optimizer,
@@ -46,7 +45,7 @@ from .parking import (
     seeded_rng,
     should_offload,
 )
-from .policies import BoundaryView, Policy, RunView
+from .policies import Policy
 from .progress import RunsProgressCallback
 from .reporters import Reporter
 from .reporting import Ledger, LogEventsCallback, write_json_atomic
@@ -393,70 +392,6 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
             self._rf_boundaries += 1
             self._rf_since_checkpoint += 1
             self._run_policies(run)
-
-    # ------------------------------------------------------------------------------------------ policies
-    def _check_policies(self, policies: list[Policy] | None) -> list[Policy]:
-        policies = list(policies or [])
-        for i, policy in enumerate(policies):
-            if not isinstance(policy, Policy):
-                raise ValueError(f"policies[{i}] must have an on_boundary(view) method, got {type(policy).__name__}")
-            metric = getattr(policy, "metric", None)  # the built-in policies say what they compare
-            if isinstance(metric, str) and metric.startswith("eval_") and self.eval_dataset is None:
-                raise ValueError(
-                    f"policies[{i}] ({type(policy).__name__}) compares {metric!r}, which needs an eval_dataset; pass "
-                    f"one, or use metric='loss'"
-                )
-        return policies
-
-    def _wants_eval(self, run: Run, finished: bool) -> bool:
-        """Whether `run` is evaluated at the boundary it just reached (after slice `run.next_slice`)."""
-        if self._evaluated_at_current_step():
-            return False
-        if finished or self._rf_boundary_eval:
-            return True
-        slices = run.next_slice + 1
-        return any(getattr(p, "evaluates_at", lambda _: True)(slices) for p in self._rf_policies)
-
-    def _boundary_view(self, run: Run) -> BoundaryView:
-        views = {}
-        for index, each in enumerate(self.coordinator):
-            history = list(each.state.log_history) if each.state is not None else []
-            metrics = {k: v for entry in history for k, v in entry.items() if isinstance(v, (int, float))}
-            views[each.name] = RunView(
-                name=each.name,
-                status=each.status,
-                index=index,
-                slices=each.next_slice,
-                global_step=each.global_step,
-                max_steps=each.plan.max_steps,
-                metrics=metrics,
-                history=history,
-                args=each.args,
-                parent=each.spec.parent,
-            )
-        active = self.coordinator.active()
-        frontier = min(each.next_slice for each in active) if active else max(v.slices for v in views.values())
-        return BoundaryView(run=run.name, frontier=frontier, num_chunks=self._rf_num_chunks, runs=views)
-
-    def _run_policies(self, run: Run) -> None:
-        """Ask each policy what to do now that `run` reached a boundary; apply its ops before the next slice."""
-        for policy in list(self._rf_policies):
-            name = type(policy).__name__
-            try:
-                ops = policy.on_boundary(self._boundary_view(run))
-                if not all(isinstance(op, Op) for op in ops or ()):
-                    raise TypeError(f"on_boundary must return a list of Op, got {ops!r}")
-            except Exception as error:  # a broken policy must not end the experiment
-                logger.exception("policy %s failed and is disabled", name)
-                self._rf_policies.remove(policy)
-                self._ledger().write(run.name, run.global_step, run.current_chunk, "policy_error", policy=name,
-                                     error=f"{type(error).__name__}: {error}")  # fmt: skip
-                continue
-            for op in ops or ():
-                op.source = op.source if op.source != "python" else name
-                with contextlib.suppress(OpError):  # refused ops are in the ledger with the reason
-                    self.submit_op(op)
-            self._apply_pending()
 
     def _snapshot(self, run: Run) -> None:
         """Keep a host copy of the run's adapter as of this boundary (what a warm-started clone starts from)."""
