@@ -125,8 +125,8 @@ class CheckpointMixin:
             self._checkpoint()
 
     def _checkpoint(self) -> Path:
-        if self._rf_active is not None:
-            self._park(self._rf_active)
+        if self._rf_active is not None:  # its state lives in the trainer's attributes; it stays active
+            self._sync_attributes(self._rf_active)
         root = checkpoints_dir(self._rf_output_dir)
         final = root / f"checkpoint-{self._rf_boundaries}"
         temp = root / f".tmp-checkpoint-{self._rf_boundaries}"
@@ -177,10 +177,13 @@ class CheckpointMixin:
         tensors: dict[str, torch.Tensor] = {}
         record: dict[str, Any] = {}
         if run.status != "deleted":
-            prefix = f".{run.spec.adapter_name}."
-            for name, param in self.model.named_parameters():
-                if prefix in name:
-                    tensors[f"adapter.{name}"] = param.detach().to("cpu", copy=True).contiguous()
+            if run.trainable:
+                adapter = zip(run.trainable_names, run.trainable)
+            else:  # never activated (or a failed clone): find its parameters by adapter name
+                prefix = f".{run.spec.adapter_name}."
+                adapter = ((name, p) for name, p in self.model.named_parameters() if prefix in name)
+            for name, param in adapter:
+                tensors[f"adapter.{name}"] = param.detach().to("cpu", copy=True).contiguous()
             for name, value in (run.boundary_weights or {}).items():
                 tensors[f"boundary.{name}"] = value.contiguous()
         if run.attributes and run.status != "deleted":

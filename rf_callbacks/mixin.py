@@ -110,7 +110,6 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
         self._rf_policies = self._check_policies(policies)
         self._rf_decay_names: tuple = (None, None)
         self._rf_base_parameters: int | None = None
-        self._rf_mode: bool | None = None
         self._rf_boundary_eval = boundary_eval
         self._rf_control_socket, self._rf_dashboard = control_socket, dashboard
         self._rf_shared_args = self.args
@@ -213,12 +212,16 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
         self._rf_active = run
 
     def _park(self, run: Run) -> None:
-        for name in self.run_attributes:
-            run.attributes[name] = getattr(self, name)
+        self._sync_attributes(run)
         if should_offload(self._rf_offload, optimizer_bytes(self.optimizer)):
             offload_optimizer(self.optimizer, run.pinned)
             run.offloaded = True
         self._rf_active = None
+
+    def _sync_attributes(self, run: Run) -> None:
+        """Copy the trainer's attributes of the active `run` into `run.attributes` (it stays active)."""
+        for name in self.run_attributes:
+            run.attributes[name] = getattr(self, name)
 
     def _init_run_state(self, run: Run) -> None:
         """Build a run's optimizer, scheduler and `TrainerState` as `Trainer._inner_training_loop` would."""
@@ -299,7 +302,6 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
         self._rf_progress.open(disable=self._rf_shared_args.disable_tqdm)
         self._memoize_mode_switch()
         self._hold_reports(True)
-        self._rf_training = True
         server = dashboard = None
         if self._rf_control_socket and self.args.should_save:
             server = ControlServer(self._rf_output_dir / "control.sock", self.handle_request)
@@ -409,6 +411,8 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
         interrupts it).
         """
         plan, args, model = run.plan, self.args, self.model_wrapped
+        isolate = len(self.coordinator) > 1  # a non-finite loss fails this run alone
+        check_loss = isolate or args.logging_nan_inf_filter  # (a host sync per micro-step, only when needed)
         steps_in_epoch = plan.batches_per_epoch
         order = self._epoch_order(run, epoch)
         if first == 0:
@@ -438,8 +442,8 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
                     sync_context = functools.partial(self.accelerator.no_sync, model=model)
                 with sync_context():
                     tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
-                finite = bool(torch.isfinite(tr_loss_step))
-                if not finite and len(self.coordinator) > 1:  # isolate it: fail this run, the others go on
+                finite = not check_loss or bool(torch.isfinite(tr_loss_step))
+                if not finite and isolate:
                     raise FloatingPointError(f"loss is {tr_loss_step.item()} at step {self.state.global_step + 1}")
                 if args.logging_nan_inf_filter and not finite:
                     self._tr_loss += self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged)

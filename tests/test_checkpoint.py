@@ -139,9 +139,13 @@ def test_sigkill_at_several_points_then_resume_is_bit_identical(tmp_path):
     resume = {"RF_CALLBACKS_RESUME": str(killed.resolve())}
     seed = int(os.environ.get("RF_KILL_SEED", time.time()))
     start = random.Random(seed).randrange(22, 34)
-    for lines in (start, start + 11, start + 22):  # random points among the ~63 lines an uninterrupted run writes
+    # Random points among the ~92 lines an uninterrupted run writes; checkpoints are at most 12 lines apart, so 20
+    # lines after a resume there is always a newer one.
+    for lines in (start, start + 20, start + 40):
         before = latest_checkpoint(killed)
-        kill_after(launch(script, killed, resume), killed / "ledger.jsonl", lines)
+        process = launch(script, killed, resume)
+        kill_after(process, killed / "ledger.jsonl", lines)
+        assert process.returncode == -9, process.stderr.read().decode()[-3000:]
         assert latest_checkpoint(killed) != before, f"each resume should get further (RF_KILL_SEED={seed})"
     # The last resume goes through the CLI, which reruns the recorded script.
     done = subprocess.run(
