@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from .chunks import DataPlan, epoch_order
 from .configs import RunSpec
 from .control.server import ControlServer
 from .coordinator import Coordinator
+from .fused import FusedMixin
 from .interactive import InteractiveMixin
 from .parking import (
     capture_rng,
@@ -81,7 +82,7 @@ RUN_ATTRIBUTES = (
 )
 
 
-class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
+class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
     Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
@@ -103,6 +104,8 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
         policies: list[Policy] | None = None,
         boundary_eval: bool = True,
         checkpoint_every: int | None = None,
+        fused: bool = False,
+        max_fused: int | str = "auto",
     ) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists."""
         if dashboard and not control_socket:
@@ -135,6 +138,7 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
         self.coordinator = Coordinator(runs)
         self._rf_output_dir = Path(self._rf_shared_args.output_dir)
         self._init_checkpoints(checkpoint_every)
+        self._init_fused(fused, max_fused)
 
         # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
         self.callback_handler.remove_callback(ProgressCallback)
@@ -319,7 +323,11 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
                 run = self.coordinator.next_run()
                 if run is None:
                     break
-                self._train_slice(run, trial, ignore_keys_for_eval)
+                group = self._fused_group(run)
+                if len(group) > 1:
+                    self._train_group(group, trial, ignore_keys_for_eval)
+                else:
+                    self._train_slice(run, trial, ignore_keys_for_eval)
             with self._rf_ops_lock:
                 self._maybe_checkpoint(final=True)
             self._hold_reports(False)
@@ -357,6 +365,26 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
     def _train_slice(self, run: Run, trial, ignore_keys_for_eval) -> None:
         """Train one (run, slice), or the rest of it, then handle what follows: a boundary, the run's end, or an op
         that interrupted it mid-chunk."""
+        began, steps = self._begin_slice(run, trial, ignore_keys_for_eval)
+        model = self.model_wrapped
+        try:
+            inputs, num_items_in_batch, sync_context = next(steps)
+            while True:
+                with sync_context():
+                    loss = self.training_step(model, inputs, num_items_in_batch)
+                inputs, num_items_in_batch, sync_context = steps.send(loss)
+        except StopIteration as stop:
+            finished, boundary = stop.value
+        except Exception as error:
+            if len(self.coordinator) == 1:
+                raise
+            self._slice_failed(run, error)
+            return
+        run.rng = capture_rng()
+        self._end_slice(run, finished, boundary, began, ignore_keys_for_eval)
+
+    def _begin_slice(self, run: Run, trial, ignore_keys_for_eval) -> tuple[float, Generator]:
+        """Activate `run` (starting it if pending) and return the start time and its slice's step generator."""
         self._activate(run)
         run.dirty = True
         if run.status == "pending":
@@ -367,18 +395,16 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
         restore_rng(run.rng)
         began = time.time()
         epoch, first, end = run.plan.slice_steps(run.next_slice, self.state.global_step)
-        try:
-            finished, boundary = self._train_steps(
-                run, epoch, first, end, began - run.wall_time, trial, ignore_keys_for_eval
-            )
-        except Exception as error:
-            if len(self.coordinator) == 1:
-                raise
-            logger.exception("run %r failed", run.name)
-            self._fail(run, f"{type(error).__name__}: {error}")
-            self._run_policies(run)
-            return
-        run.rng = capture_rng()
+        return began, self._train_steps(run, epoch, first, end, began - run.wall_time, trial, ignore_keys_for_eval)
+
+    def _slice_failed(self, run: Run, error: Exception) -> None:
+        logger.error("run %r failed", run.name, exc_info=error)
+        self._fail(run, f"{type(error).__name__}: {error}")
+        self._run_policies(run)
+
+    def _end_slice(self, run: Run, finished: bool, boundary: bool, began: float, ignore_keys_for_eval) -> None:
+        """After a slice: snapshot and evaluate at a boundary, close a finished run, let the policies act."""
+        self._activate(run)
         if finished or boundary:
             self._snapshot(run)
             if self.eval_dataset is not None and self._wants_eval(run, finished):
@@ -403,12 +429,14 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
 
     def _train_steps(
         self, run: Run, epoch: int, first: int, end: int, start_time: float, trial, ignore_keys
-    ) -> tuple[bool, bool]:
+    ) -> Generator[tuple[dict, Any, Callable], torch.Tensor, tuple[bool, bool]]:
         """Optimizer steps `[first, end)` of `epoch`, mirroring `Trainer._run_epoch` call for call.
 
-        Returns `(finished, boundary)`: whether the run is done (budget reached or a callback set
-        `should_training_stop`), and whether it reached the end of the chunk (it may also stop earlier, when an op
-        interrupts it).
+        A generator: for each micro-batch it yields `(inputs, num_items_in_batch, sync_context)` and is sent back
+        the micro-batch's loss, once the driver has run the forward and backward (`_train_slice`: the trainer's own
+        `training_step`; fused mode: one pass for several runs). Returns `(finished, boundary)`: whether the run is
+        done (budget reached or a callback set `should_training_stop`), and whether it reached the end of the chunk
+        (it may also stop earlier, when an op interrupts it).
         """
         plan, args, model = run.plan, self.args, self.model_wrapped
         isolate = len(self.coordinator) > 1  # a non-finite loss fails this run alone
@@ -440,8 +468,10 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
                     sync_context = contextlib.nullcontext
                 else:
                     sync_context = functools.partial(self.accelerator.no_sync, model=model)
-                with sync_context():
-                    tr_loss_step = self.training_step(model, inputs, num_items_in_batch)
+                tr_loss_step = yield inputs, num_items_in_batch, sync_context  # the driver runs `training_step`
+                # The accelerator's sync flag is process-wide and gates the optimizer step: other runs of a fused group
+                # set theirs while this one waited.
+                self.accelerator.gradient_state._set_sync_gradients(do_sync_step)
                 finite = not check_loss or bool(torch.isfinite(tr_loss_step))
                 if not finite and isolate:
                     raise FloatingPointError(f"loss is {tr_loss_step.item()} at step {self.state.global_step + 1}")
@@ -546,7 +576,8 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin):
 
     def _fail(self, run: Run, reason: str, **extra: Any) -> None:
         if self._rf_active is run:
-            self.model_wrapped.zero_grad()
+            for param in run.trainable:  # only its own: in fused mode other runs may hold accumulated gradients
+                param.grad = None
             run.rng = capture_rng()
         run.status, run.error, run.reason = "failed", reason, reason
         self._status_event(run, error=reason, **extra)

@@ -52,6 +52,14 @@ def _validate_setup(
         raise ValueError("load_best_model_at_end=True is not supported with several runs; compare runs with results()")
 
 
+def _refuse_fused(fused: bool, trainer: str) -> None:
+    if fused:
+        raise ValueError(
+            f"fused=True is not supported by {trainer} yet (its loss needs paired or generated batches); only "
+            "RFSFTTrainer fuses runs so far. Use fused=False: runs rotate at chunk boundaries"
+        )
+
+
 def _coerce_args(model: Any, args: TrainingArguments | None, config_class: type, suffix: str) -> TrainingArguments:
     """As TRL does: `<model name>-<suffix>` as output dir when `args` is None; `TrainingArguments` converted."""
     if args is None:
@@ -154,6 +162,15 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             Boundaries between two experiment checkpoints in `<output_dir>/checkpoints` (default 1: every boundary,
             plus one when training ends); `save_strategy="no"` turns them off, `save_total_limit` (default 2) says
             how many are kept. `train(resume_from_checkpoint=True)` continues from the newest one, bit-for-bit.
+        fused (`bool`, *optional*, defaults to `False`):
+            Train runs at the same chunk together: their micro-batches are concatenated, the frozen base runs once
+            per micro-batch round and each LoRA layer applies each run's adapter to that run's rows; one backward,
+            then each run's own optimizer step. Runs keep their own batch size, gradient accumulation, optimizer and
+            schedule; results match rotation up to floating-point summation order (max abs diff <= 1e-4). Runs
+            whose adapter is not plain LoRA on linear layers (DoRA, embeddings, `modules_to_save`) rotate as usual.
+        max_fused (`int` or `"auto"`, *optional*, defaults to `"auto"`):
+            Most runs in one fused group. `"auto"`: on CUDA as many as the free memory holds (from the memory per
+            row measured in earlier rounds, 4 until then), 8 elsewhere.
 
     Usage:
     ```python
@@ -209,6 +226,8 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         policies: list | None = None,
         boundary_eval: bool = True,
         checkpoint_every: int | None = None,
+        fused: bool = False,
+        max_fused: int | str = "auto",
     ):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
@@ -236,9 +255,37 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
         )
+        if fused:
+            self._check_fused(max_fused)
         self._build_runs(
-            specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval, checkpoint_every
+            specs,
+            num_chunks,
+            offload_optimizer,
+            control_socket,
+            dashboard,
+            policies,
+            boundary_eval,
+            checkpoint_every,
+            fused,
+            max_fused,
         )
+
+    def _check_fused(self, max_fused: Any) -> None:
+        """Refuse, before training, what the fused forward cannot serve (it relies on TRL's fused LM head and on
+        each micro-batch's rows being separate sequences)."""
+        if max_fused != "auto" and (isinstance(max_fused, bool) or not isinstance(max_fused, int) or max_fused < 1):
+            raise ValueError(f"max_fused={max_fused!r} is invalid; use an int >= 1 or 'auto'")
+        refused = {
+            "compute_loss_func": self.compute_loss_func is not None,
+            "label_smoothing_factor": self.label_smoother is not None,
+            "padding_free": self.args.padding_free,
+            "use_liger_kernel": self.args.use_liger_kernel,
+            "router aux loss (output_router_logits)": self.aux_loss_enabled,
+            "several processes": self.args.world_size > 1,
+        }
+        for name, used in refused.items():
+            if used:
+                raise ValueError(f"fused=True cannot be combined with {name}; use fused=False (rotation)")
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.
@@ -385,8 +432,11 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         policies: list | None = None,
         boundary_eval: bool = True,
         checkpoint_every: int | None = None,
+        fused: bool = False,
     ):
         from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
+
+        _refuse_fused(fused, "RFDPOTrainer")
 
         args = _coerce_args(model, args, DPOConfig, "DPO")
         for index, config in enumerate(configs or []):
@@ -641,7 +691,9 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         policies: list | None = None,
         boundary_eval: bool = True,
         checkpoint_every: int | None = None,
+        fused: bool = False,
     ):
+        _refuse_fused(fused, "RFGRPOTrainer")
         import copy
 
         from .preference import GRPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_grpo_specs

@@ -1,0 +1,203 @@
+"""Fused throughput: tokens/s summed over K runs, `RFSFTTrainer(fused=True)` vs rotation (`fused=False`) vs plain
+TRL `SFTTrainer` trained once per config, one after another, in the same process.
+
+Each (method, K) runs in its own subprocess, so its peak memory (max RSS; on CUDA the peak allocated) is its own.
+Every method trains the same K configs (LoRA r 8/16 on all linear layers, four learning rates) for the same steps at
+the same small per-run batch, so the tokens are the same; the time is `train()` only (model building and data
+preparation excluded on every side). On a CPU in a few minutes:
+
+    python benchmarks/fused_throughput.py                            # ~5M Llama, fp32, batch 2, K = 1 2 4 8
+    python benchmarks/fused_throughput.py --ks 4 --batch 1
+    python benchmarks/fused_throughput.py --device cuda --dtype bf16 --hidden 2048 --layers 16 --ks 4 --steps 16
+
+The last line of stdout is one JSON object with every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+METHODS = ("plain", "rotation", "fused")
+
+
+def configs(count: int) -> list[dict]:
+    from peft import LoraConfig
+
+    ranks, rates = (8, 16), (1e-3, 4e-3, 2e-3, 5e-4)
+    return [
+        {
+            "name": f"c{i}",
+            "peft_config": LoraConfig(r=ranks[i % 2], lora_alpha=2 * ranks[i % 2], target_modules="all-linear"),
+            "learning_rate": rates[(i // 2) % 4],
+        }
+        for i in range(count)
+    ]
+
+
+def worker(opts) -> dict:
+    """Train K configs with one method; return seconds, tokens and peak memory."""
+    import torch
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+    from trl import SFTConfig, SFTTrainer
+
+    from rf_callbacks import RFSFTTrainer
+    from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets
+
+    hf_logging.set_verbosity_error()
+    tokenizer = build_tokenizer()
+    train = demo_datasets()[0]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.dtype]
+    work = tempfile.mkdtemp(prefix="rf-fused-bench-")
+
+    def model():
+        built = build_tiny_model(tokenizer, hidden_size=opts.hidden, num_layers=opts.layers, seed=0)
+        return built.to(device=opts.device, dtype=dtype)
+
+    def args(output_dir: str, **overrides):
+        return SFTConfig(
+            output_dir=output_dir,
+            max_steps=opts.steps,
+            per_device_train_batch_size=opts.batch,
+            max_length=opts.max_length,
+            logging_steps=opts.steps,
+            bf16=opts.dtype == "bf16",
+            gradient_checkpointing=False,
+            use_cpu=opts.device == "cpu",
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+            **overrides,
+        )
+
+    def tokens(state) -> float:
+        return max(entry.get("num_tokens", 0) for entry in state.log_history)
+
+    cuda = opts.device == "cuda"
+    seconds, total_tokens = 0.0, 0.0
+    if opts.method == "plain":
+        for config in configs(opts.k):
+            set_seed(0)
+            trainer = SFTTrainer(
+                model=model(),
+                args=args(f"{work}/{config['name']}", learning_rate=config["learning_rate"]),
+                train_dataset=train,
+                processing_class=tokenizer,
+                peft_config=config["peft_config"],
+            )
+            if cuda:
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            trainer.train()
+            if cuda:
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - started
+            total_tokens += tokens(trainer.state)
+            del trainer
+    else:
+        set_seed(0)
+        trainer = RFSFTTrainer(
+            model=model(),
+            args=args(work),
+            train_dataset=train,
+            processing_class=tokenizer,
+            configs=configs(opts.k),
+            num_chunks=opts.chunks,
+            fused=opts.method == "fused",
+            control_socket=False,
+        )
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        total_tokens = sum(tokens(run.state) for run in trainer.runs)
+        assert all(row["status"] == "completed" for row in trainer.results()), trainer.results()
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "tokens": total_tokens, "tokens_per_s": total_tokens / seconds, "peak_bytes": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2, help="per-run micro-batch")
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per run")
+    parser.add_argument("--chunks", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--ks", default="1,2,4,8")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+    if opts.method:
+        print(json.dumps(worker(opts)))
+        return
+
+    import torch
+
+    from rf_callbacks.demo import build_tiny_model, build_tokenizer
+
+    params = build_tiny_model(build_tokenizer(), hidden_size=opts.hidden, num_layers=opts.layers).num_parameters()
+    device = torch.cuda.get_device_name() if opts.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    print(
+        f"model: Llama hidden {opts.hidden}, {opts.layers} layers, {params / 1e6:.2f}M parameters, {opts.dtype} on "
+        f"{device} ({torch.get_num_threads()} threads); per-run batch {opts.batch}, {opts.steps} steps per run, "
+        f"{opts.chunks} chunks"
+    )
+    results: dict[str, dict] = {}
+    base = [sys.executable, __file__, *sys.argv[1:]]
+    for k in [int(k) for k in opts.ks.split(",")]:
+        for method in METHODS:
+            out = subprocess.run([*base, "--method", method, "--k", str(k)], capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"{method} K={k} failed:\n{out.stderr[-3000:]}")
+            results[f"{method}/{k}"] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(
+        "\n| K | plain TRL tok/s | rotation tok/s | fused tok/s | fused / rotation | fused / plain | peak MiB p/r/f |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    summary = {}
+    for k in [int(k) for k in opts.ks.split(",")]:
+        plain, rotation, fused = (results[f"{m}/{k}"] for m in METHODS)
+        ratio_rot = fused["tokens_per_s"] / rotation["tokens_per_s"]
+        ratio_plain = fused["tokens_per_s"] / plain["tokens_per_s"]
+        peaks = "/".join(f"{r['peak_bytes'] / 2**20:.0f}" for r in (plain, rotation, fused))
+        print(
+            f"| {k} | {plain['tokens_per_s']:.0f} | {rotation['tokens_per_s']:.0f} | {fused['tokens_per_s']:.0f} "
+            f"| {ratio_rot:.2f}x | {ratio_plain:.2f}x | {peaks} |"
+        )
+        summary[k] = {"fused_vs_rotation": round(ratio_rot, 3), "fused_vs_plain": round(ratio_plain, 3)}
+    print(
+        json.dumps(
+            {
+                "benchmark": "fused_throughput",
+                "device": device,
+                "dtype": opts.dtype,
+                "parameters": params,
+                "batch": opts.batch,
+                "steps": opts.steps,
+                "summary": summary,
+                "results": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Fused multi-adapter training: several runs in one forward/backward equal rotation within summation-order noise."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig
+from test_exactness import adapter_weights, max_abs_diff
+from transformers import TrainerCallback, set_seed
+
+from rf_callbacks import RFDPOTrainer, RFSFTTrainer
+from rf_callbacks.fused import concat_batches, mixed_adapters
+
+# Different ranks, alphas, learning rates, target modules, batch sizes and gradient accumulation.
+FOUR_RUNS = [
+    {"name": "a", "peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])},
+    {
+        "name": "b",
+        "peft_config": LoraConfig(r=8, lora_alpha=8, target_modules="all-linear"),
+        "learning_rate": 3e-3,
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,
+    },
+    {
+        "name": "c",
+        "peft_config": LoraConfig(r=2, lora_alpha=16, target_modules=["o_proj", "down_proj"], use_rslora=True),
+        "learning_rate": 5e-4,
+        "per_device_train_batch_size": 2,
+        "max_length": 48,
+    },
+    {
+        "name": "d",
+        "peft_config": LoraConfig(r=16, lora_alpha=32, target_modules=["gate_proj", "up_proj", "k_proj"]),
+        "lr_scheduler_type": "cosine",
+        "weight_decay": 0.1,
+    },
+]
+
+
+def train(make_model, tokenizer, data, args, *, fused, configs=FOUR_RUNS, **kwargs):
+    set_seed(args.seed)
+    trainer = RFSFTTrainer(
+        model=make_model(),
+        args=args,
+        train_dataset=data[0],
+        eval_dataset=data[1],
+        processing_class=tokenizer,
+        configs=copy.deepcopy(configs),
+        num_chunks=3,
+        fused=fused,
+        **kwargs,
+    )
+    trainer.train()
+    return trainer
+
+
+def test_fused_matches_rotation(make_model, tokenizer, chat_data, sft_args, tmp_path):
+    rotation = train(make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "rot"), fused=False)
+    fused = train(make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "fused"), fused=True)
+    rows = {row["name"]: row for row in fused.results()}
+    for run in "abcd":
+        assert rows[run]["status"] == "completed"
+        assert rows[run]["global_step"] == rotation.runs[run].state.global_step == 12
+        diff = max_abs_diff(adapter_weights(rotation.model, run), adapter_weights(fused.model, run))
+        print(f"{run}: max abs diff fused vs rotation {diff:.2e}")
+        assert diff < 1e-4, (run, diff)
+        weights = adapter_weights(fused.model, run)
+        assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 1e-3  # B starts at zero
+        expected = [(e["step"], e["loss"]) for e in rotation.runs[run].state.log_history if "loss" in e]
+        got = [(e["step"], e["loss"]) for e in fused.runs[run].state.log_history if "loss" in e]
+        assert [s for s, _ in got] == [s for s, _ in expected]
+        assert [loss for _, loss in got] == pytest.approx([loss for _, loss in expected], rel=1e-5)
+        assert rows[run]["eval_loss"] == pytest.approx(rotation.runs[run].result()["eval_loss"], rel=1e-4)
+    # The ledger shows the runs' steps interleaved: they trained together, not one after another.
+    ledger = [json.loads(line) for line in (tmp_path / "fused" / "ledger.jsonl").read_text().splitlines()]
+    logs = [e["run"] for e in ledger if "loss" in e]
+    assert logs[:7] == ["a", "c", "d", "a", "b", "c", "d"]  # b logs every second round (gradient accumulation 2)
+
+
+def test_concat_batches_pads_each_key_and_keeps_rows():
+    one = {"input_ids": torch.ones(2, 3, dtype=torch.long), "labels": torch.ones(2, 3, dtype=torch.long)}
+    two = {"input_ids": torch.full((1, 5), 2), "labels": torch.full((1, 5), 2)}
+    batch, rows, lengths = concat_batches([one, two])
+    assert rows == [slice(0, 2), slice(2, 3)] and lengths == [3, 5]
+    assert batch["input_ids"].tolist()[0] == [1, 1, 1, 0, 0]
+    assert batch["labels"].tolist()[1] == [1, 1, 1, -100, -100]  # padding never counts in a loss
+    with pytest.raises(ValueError, match="different keys"):
+        concat_batches([one, {"input_ids": two["input_ids"]}])
+
+
+def test_mixed_forward_equals_each_adapter_alone(make_model):
+    """Rows of a mixed batch get exactly what PEFT's own forward gives them with their adapter alone."""
+    from helpers import cpu_sft_config
+
+    from rf_callbacks.adapters import attach_adapters
+    from rf_callbacks.configs import parse_configs
+
+    configs = [
+        {"name": "x", "peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)},
+        {"name": "y", "peft_config": LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False)},
+    ]
+    specs = parse_configs(configs, cpu_sft_config("unused"), None, set(), lambda name: name)
+    model = attach_adapters(make_model(), specs).eval()
+    ids = torch.randint(4, 100, (3, 7))
+    layers = [m for m in model.modules() if isinstance(m, __import__("peft").tuners.lora.Linear)]
+    with torch.no_grad(), mixed_adapters(layers, [("x", slice(0, 2)), ("y", slice(2, 3))]):
+        mixed = model(input_ids=ids).logits
+    with torch.no_grad():
+        model.set_adapter("x")
+        alone_x = model(input_ids=ids[:2]).logits
+        model.set_adapter("y")
+        alone_y = model(input_ids=ids[2:]).logits
+    assert torch.allclose(mixed[:2], alone_x, atol=1e-5) and torch.allclose(mixed[2:], alone_y, atol=1e-5)
+    with torch.no_grad():  # the adapters differ, so the check above can fail
+        assert not torch.allclose(mixed[:1], model(input_ids=ids[:1]).logits, atol=1e-3)  # y active
+
+
+def test_fused_policies_nan_isolation_and_non_lora_runs(tokenizer, chat_data, sft_args, tmp_path):
+    """Successive halving decides the same in fused mode; a NaN run fails alone; a DoRA run rotates by itself."""
+    from test_policies import PoisonAt, four_configs, trainer_with
+
+    from rf_callbacks.policies import SuccessiveHalving
+
+    results = {}
+    for fused in (False, True):
+        trainer = trainer_with(
+            tokenizer, chat_data, sft_args, tmp_path / f"sh-{fused}", [SuccessiveHalving(eta=2)], fused=fused
+        )
+        trainer.train()
+        results[fused] = trainer
+    assert [(r["status"], r["global_step"]) for r in results[True].results()] == [
+        (r["status"], r["global_step"]) for r in results[False].results()
+    ]
+    winner = next(r["name"] for r in results[True].results() if r["status"] == "completed")
+    assert (
+        max_abs_diff(adapter_weights(results[False].model, winner), adapter_weights(results[True].model, winner))
+        < 1e-4
+    )
+
+    configs = four_configs()
+    configs[3]["peft_config"] = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True)
+    trained = {}
+    for fused in (False, True):
+        trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path / f"nan-{fused}", None, configs, fused=fused)
+        trainer.add_callback(PoisonAt(trainer, "lr1", 4, float("nan")))
+        trainer.train()
+        trained[fused] = trainer
+    rows = {row["name"]: row for row in trained[True].results()}
+    assert (rows["lr1"]["status"], rows["lr1"]["error"]) == ("failed", "FloatingPointError: loss is nan at step 5")
+    for name in ("lr0", "lr2", "lr3"):
+        assert rows[name]["status"] == "completed"
+        diff = max_abs_diff(adapter_weights(trained[False].model, name), adapter_weights(trained[True].model, name))
+        assert diff < 1e-4, (name, diff)
+    ledger = [json.loads(line) for line in (tmp_path / "nan-True" / "ledger.jsonl").read_text().splitlines()]
+    logs = [e["run"] for e in ledger if "loss" in e and e["chunk"] == 0]
+    assert logs == ["lr0", "lr1", "lr2"] * 3 + ["lr3"] * 3  # the DoRA run trains its chunk alone, after the group
+
+
+class OpsAt(TrainerCallback):
+    """Stop run b and clone it (warm) at a's step 2, resume b at a's step 7: ops arriving mid-chunk."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._rf_active.name != "a":
+            return
+        if state.global_step == 2:
+            self.trainer.stop("b")
+            self.trainer.clone("b", {"learning_rate": 1e-4}, warm_start=True, name="b-slow")
+        elif state.global_step == 7:
+            self.trainer.resume("b")
+
+
+def test_fused_ic_ops_mid_chunk(make_model, tokenizer, chat_data, sft_args, tmp_path):
+    reference = train(
+        make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "ref"), fused=False, configs=FOUR_RUNS[:2]
+    )
+    set_seed(7)
+    trainer = RFSFTTrainer(
+        model=make_model(),
+        args=sft_args(output_dir=tmp_path / "ops"),
+        train_dataset=chat_data[0],
+        processing_class=tokenizer,
+        configs=copy.deepcopy(FOUR_RUNS[:2]),
+        num_chunks=3,
+        fused=True,
+    )
+    trainer.add_callback(OpsAt(trainer))
+    trainer.train()
+    rows = {row["name"]: row for row in trainer.results()}
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "a": "completed",
+        "b": "completed",
+        "b-slow": "completed",
+    }
+    assert rows["b-slow"]["parent"] == "b" and rows["b-slow"]["global_step"] == 12
+    for name in ("a", "b"):  # stopping and resuming a run does not change where it ends
+        assert max_abs_diff(adapter_weights(reference.model, name), adapter_weights(trainer.model, name)) < 1e-4
+
+
+def test_fused_checkpoint_resume_is_exact(tokenizer, chat_data, sft_args, tmp_path):
+    from test_checkpoint import make_trainer
+
+    complete = make_trainer(tokenizer, chat_data, sft_args, tmp_path / "complete", fused=True)
+    complete.train()
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 8:
+                raise KeyboardInterrupt  # like a Ctrl-C: not a run failure, it ends train()
+
+    crashed = make_trainer(tokenizer, chat_data, sft_args, tmp_path / "crashed", fused=True)
+    crashed.add_callback(Crash())
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    resumed = make_trainer(tokenizer, chat_data, sft_args, tmp_path / "crashed", fused=True)
+    resumed.train(resume_from_checkpoint=True)
+    for name in ("a", "b"):
+        assert max_abs_diff(adapter_weights(complete.model, name), adapter_weights(resumed.model, name)) == 0.0
+    assert [r["train_loss"] for r in resumed.results()] == [r["train_loss"] for r in complete.results()]
+
+
+def test_fused_refusals(make_model, tokenizer, chat_data, sft_args):
+    with pytest.raises(ValueError, match="fused=True is not supported by RFDPOTrainer"):
+        RFDPOTrainer(model=None, fused=True)
+    kwargs = dict(train_dataset=chat_data[0], processing_class=tokenizer, configs=copy.deepcopy(FOUR_RUNS[:2]))
+    with pytest.raises(ValueError, match="max_fused=0 is invalid"):
+        RFSFTTrainer(model=make_model(), args=sft_args(), fused=True, max_fused=0, **kwargs)
+    with pytest.raises(ValueError, match="fused=True cannot be combined with compute_loss_func"):
+        RFSFTTrainer(model=make_model(), args=sft_args(), fused=True, compute_loss_func=lambda *a, **k: 0, **kwargs)
+    with pytest.raises(ValueError, match="fused=True cannot be combined with padding_free"):
+        RFSFTTrainer(model=make_model(), args=sft_args(padding_free=True, max_length=None), fused=True, **kwargs)
