@@ -97,6 +97,7 @@ class Experiment:
         param_config: Any = None,
         policies: list | None = None,
         boundary_eval: bool = True,
+        fused: bool = False,
     ) -> None:
         """Train every leaf of `config_group` (an `RFGridSearch`/`RFRandomSearch`, or configs for a grid search).
 
@@ -112,6 +113,8 @@ class Experiment:
                 each group of runs trained together gets its own copy.
             boundary_eval (`bool`, *optional*, defaults to `True`): `False` evaluates runs only where a policy needs
                 it and at their end (see [`RFSFTTrainer`]).
+            fused (`bool`, *optional*, defaults to `False`): Train the runs of an SFT group at the same chunk in one
+                forward/backward per micro-batch (see [`RFSFTTrainer`]); DPO and GRPO searches refuse it.
         """
         from .automl.plan import plan_jobs
         from .automl.search import RFGridSearch, _Search
@@ -127,6 +130,8 @@ class Experiment:
             raise ValueError("create_model_fn must be a function: model_config dict -> (model, tokenizer)")
         if train_dataset is None:
             raise ValueError("train_dataset is required")
+        if fused and search.trainer_type != "SFT":
+            raise ValueError(f"fused=True is supported for SFT searches only, not {search.trainer_type}")
         trainer_cls = _trainer_class(search.trainer_type)
         jobs = plan_jobs(
             search,
@@ -155,6 +160,8 @@ class Experiment:
             kwargs = dict(model=model, args=job.args, train_dataset=job.train, eval_dataset=job.eval)
             kwargs.update(processing_class=tokenizer, configs=job.configs, num_chunks=num_chunks)
             kwargs.update(policies=copy.deepcopy(policies), boundary_eval=boundary_eval)
+            if fused:
+                kwargs["fused"] = True
             model = self._train_group(trainer_cls, search.trainer_type, job.group, job.folder, kwargs)
         model = tokenizer = None
         self._free()

@@ -74,16 +74,15 @@ def _mixed_forward(layer: LoraLinear, segments: Sequence[tuple[str, slice]], x: 
     if x.shape[0] != segments[-1][1].stop:
         raise RuntimeError(f"fused LoRA forward: a layer got {x.shape[0]} rows, expected {segments[-1][1].stop}")
     result = layer.base_layer(x, *args, **kwargs)
-    dtype = result.dtype
-    parts = []
     for adapter, rows in segments:
-        part = result[rows]
         if adapter in layer.lora_A:
             lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
             sub = layer._cast_input_dtype(x[rows], lora_A.weight.dtype)
-            part = part + lora_B(lora_A(layer.lora_dropout[adapter](sub))) * layer.scaling[adapter]
-        parts.append(part.to(dtype))
-    return torch.cat(parts)
+            delta = lora_B(lora_A(layer.lora_dropout[adapter](sub))) * layer.scaling[adapter]
+            # in place (a linear layer's backward needs its input and weight, not its output); added in the promoted
+            # dtype, then cast, as PEFT does
+            result[rows] = (result[rows] + delta).to(result.dtype)
+    return result
 
 
 @contextlib.contextmanager

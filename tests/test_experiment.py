@@ -272,7 +272,12 @@ def test_run_fit_takes_policies(rows, tmp_path):
     )
     experiment = Experiment(experiment_name="halving", experiment_path=tmp_path)
     policies = [SuccessiveHalving(eta=2)]
-    experiment.run_fit(configs, ModelFactory(), train_dataset, eval_dataset, num_chunks=4, policies=policies)
+    experiment.run_fit(
+        configs, ModelFactory(), train_dataset, eval_dataset, num_chunks=4, policies=policies, fused=True
+    )
     info = experiment.get_runs_info().set_index("run_id")
     assert sorted(info["status"]) == ["completed", "stopped"]
+    ledger = [json.loads(line) for line in next(tmp_path.rglob("ledger.jsonl")).read_text().splitlines()]
+    # fused: both runs start together (in rotation run-2 starts after run-1's first chunk)
+    assert [(e["run"], e.get("status")) for e in ledger[:2]] == [("run-1", "running"), ("run-2", "running")]
     assert policies[0].rung == 0  # each group got its own copy; the caller's object is untouched
