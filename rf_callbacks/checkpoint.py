@@ -12,8 +12,11 @@ never half of one. A run that has not trained since the previous checkpoint has 
 
 Resuming (`trainer.train(resume_from_checkpoint=True)` or a path, or `rf-callbacks resume --dir OUT`, which reruns the
 script that wrote it) rebuilds the runs from the same script's configs plus the recorded clones, loads their state,
-cuts `ledger.jsonl` back to its length at the checkpoint (what was logged after it is logged again, not twice), and
-goes on from the next slice.
+cuts `ledger.jsonl` back to its length at the checkpoint (what was logged after it is logged again, not twice),
+reattaches the reporters to their tracking runs (MLflow, W&B and Trackio run ids are in the manifest) and goes on
+from the next slice. Reporters get each chunk's logs when the checkpoint that keeps them is written; logs sent after
+the last checkpoint by an interrupted `train()` (when its trainer was closed) are counted in `reported.json` next to
+the checkpoint, and a resume from it skips that many, so a tracker gets each step once.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
 from .ops import Op
+from .reporters import Deferred
+from .reporting import write_json_atomic
 from .run import TRAINER_SCALARS, Run
 
 FORMAT = 1
@@ -115,6 +120,7 @@ class CheckpointMixin:
         self._rf_since_checkpoint = 0
         self._rf_clones: dict[str, dict[str, Any]] = {}  # child -> how it was made
         self._rf_resume: Path | None = None
+        self._rf_last_checkpoint: Path | None = None  # the checkpoint the reporters' backends are in step with
 
     # ------------------------------------------------------------------------------------------------ writing
     def _maybe_checkpoint(self, final: bool = False) -> None:
@@ -167,11 +173,28 @@ class CheckpointMixin:
         for run in self.coordinator:
             run.checkpoint_files, run.dirty = final / "runs" / run.name, False
         self._rf_since_checkpoint = 0
+        self._rf_last_checkpoint = final
         self._rf_ledger.write(None, None, None, "checkpoint", path=str(final))
         done = sorted((p for p in root.glob("checkpoint-*") if p != final and _number(p) >= 0), key=_number)
         for old in done[: max(0, len(done) - self._rf_keep + 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def close(self) -> None:
+        """Close the reporters and the ledger. After an interrupted `train()` the reporters still hold what came
+        after the last checkpoint: it is sent now, and `reported.json` in that checkpoint records how many logs of
+        each run went out, so that a resume from it does not send them again."""
+        sent = []
+        for reporter in self._rf_reporters:
+            if isinstance(reporter, Deferred):
+                reporter.send()
+                sent.append(reporter.reported())
+            else:
+                sent.append({})
+        last = self._rf_last_checkpoint
+        if any(sent) and last is not None and last.exists():
+            write_json_atomic(last / "reported.json", {"reporters": sent})
+        super().close()
 
     def _write_run(self, run: Run, folder: Path) -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -280,6 +303,11 @@ class CheckpointMixin:
         self._open_experiment(resuming=True)
         for reporter, state in zip(self._rf_reporters, manifest["reporters"]):
             reporter.load_state_dict(state)
+        if (path / "reported.json").exists():  # logs an interrupted process sent after this checkpoint
+            reported = json.loads((path / "reported.json").read_text(encoding="utf-8"))["reporters"]
+            for reporter, counts in zip(self._rf_reporters, reported):
+                if isinstance(reporter, Deferred):
+                    reporter.skip = dict(counts)
         for record in records:
             if record["clone"] is not None:
                 self._restore_clone(record["clone"])
@@ -292,6 +320,7 @@ class CheckpointMixin:
             if op.kind == "clone":
                 op.spec = self._clone_spec(op)
         self._rf_boundaries = manifest["boundary"]
+        self._rf_last_checkpoint = path
         self._rf_ledger.write(None, None, None, "resumed", path=str(path))
 
     def _restore_clone(self, record: dict[str, Any]) -> None:
