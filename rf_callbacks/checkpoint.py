@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
+from .oom import halve_micro_batch
 from .ops import Op
 from .reporters import Deferred
 from .reporting import write_json_atomic
@@ -239,6 +240,7 @@ class CheckpointMixin:
             "last_step": [None if grad_norm is None else float(grad_norm), learning_rate],
             "train_metrics": run.train_metrics,
             "clone": self._rf_clones.get(run.name),
+            "oom_retry": run.oom_retry,
         }
 
     @staticmethod
@@ -330,6 +332,9 @@ class CheckpointMixin:
         self._add_clone(op, self.coordinator[op.run], start_slice=record["start_slice"], restoring=True)
 
     def _restore_run(self, run: Run, record: dict[str, Any], folder: Path) -> None:
+        if record.get("oom_retry") and run.oom_retry is None:  # it went on with half the micro-batch
+            halve_micro_batch(run)
+            run.oom_retry = record["oom_retry"]
         tensors = load_file(folder / "state.safetensors")
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if record["status"] == "deleted":
