@@ -216,7 +216,7 @@ class CheckpointMixin:
             rng_tensors, record["rng"] = _rng_to_files(run.rng)
             tensors.update(rng_tensors)
             record["scalars"] = {name: attributes[name] for name in TRAINER_SCALARS}
-            record["extra"] = self._checkpoint_extra_state(run)
+            record["extra"] = self._checkpoint_extra_state(run, tensors)
             torch.save(attributes["optimizer"].state_dict(), folder / "optimizer.pt")
             torch.save(attributes["lr_scheduler"].state_dict(), folder / "scheduler.pt")
         if run.optimizer_init is not None:
@@ -248,8 +248,9 @@ class CheckpointMixin:
         fields = ("kind", "run", "overrides", "warm_start", "copy_optimizer", "name", "source", "reason")
         return {key: getattr(op, key) for key in fields}
 
-    def _checkpoint_extra_state(self, run: Run) -> dict[str, Any]:
-        """The trainer subclass's own per-run state that a boundary does not reset (JSON)."""
+    def _checkpoint_extra_state(self, run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The trainer subclass's own per-run state that a boundary does not reset: returned as JSON, plus tensors
+        added to `tensors` under keys starting with `extra.` (CPU copies; they go to `state.safetensors`)."""
         attributes, extra = run.attributes, {}
         if "_metrics" in attributes:
             extra["_metrics"] = {split: dict(values) for split, values in attributes["_metrics"].items()}
@@ -257,7 +258,8 @@ class CheckpointMixin:
             extra["_total_train_tokens"] = attributes["_total_train_tokens"]
         return extra
 
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+    def _load_extra_state(self, extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what `_checkpoint_extra_state` saved, into the trainer's attributes of the run being restored."""
         if "_metrics" in extra:
             self._metrics = {split: defaultdict(list, values) for split, values in extra["_metrics"].items()}
         if "_total_train_tokens" in extra:
@@ -353,7 +355,7 @@ class CheckpointMixin:
                 self._tr_loss = tensors["tr_loss"].to(self.args.device).reshape(())
                 for name, value in state["scalars"].items():
                     setattr(self, name, value)
-                self._load_extra_state(state["extra"])
+                self._load_extra_state(state["extra"], tensors)
                 run.rng = _rng_from_files(tensors, state["rng"])
             boundary = {k[len("boundary.") :]: v for k, v in tensors.items() if k.startswith("boundary.")}
             run.boundary_weights = boundary or None

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -662,6 +663,30 @@ def _grpo_epoch_order(
     return tuple(order)
 
 
+def _stash(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One value of a GRPO run's checkpointed state: a tensor goes to `tensors` (a CPU copy), a list of them item by
+    item (e.g. per-image pixel values), anything else must be JSON."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": key}
+    if isinstance(value, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in value):
+        return {"list": [_stash(item, f"{key}.{j}", tensors) for j, item in enumerate(value)]}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"RFGRPOTrainer cannot write {key} ({type(value).__name__}) into an experiment checkpoint; turn "
+            "checkpoints off with save_strategy='no'"
+        ) from None
+    return {"value": value}
+
+
+def _unstash(record: dict[str, Any], tensors: dict[str, torch.Tensor], device) -> Any:
+    if "list" in record:
+        return [_unstash(item, tensors, device) for item in record["list"]]
+    return tensors[record["tensor"]].to(device) if "tensor" in record else record["value"]
+
+
 def _check_prompt_dataset(dataset: Any, name: str) -> None:
     """Refuse, before any work, a data set `GRPOTrainer` could only fail on later (or one without a length)."""
     for label, data in _datasets(dataset, name):
@@ -673,8 +698,8 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     """Group relative policy optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.GRPOTrainer`] with the same meaning (reward functions are shared by all runs), plus
-    the rf-callbacks ones (`configs`, `num_chunks`, `policies`, ...; not `checkpoint_every` nor `oom_retry=True`
-    yet) as [`RFSFTTrainer`] takes them. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones:
+    the rf-callbacks ones (`configs`, `num_chunks`, `policies`, `checkpoint_every`, ...; not `oom_retry=True` yet)
+    as [`RFSFTTrainer`] takes them. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones:
     num_generations, max_completion_length, steps_per_generation (or generation_batch_size), temperature, top_p,
     top_k, min_p, repetition_penalty, generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta,
     importance_sampling_level, reward_weights, scale_rewards, loss_type, mask_truncated_completions,
@@ -683,12 +708,14 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
 
     Completions are generated with the active run's adapter. Each run keeps its own generation buffer (reused for
     `steps_per_generation` x `num_iterations` micro-steps) and its own metrics; they are parked with the run at a
-    chunk boundary. The reference model (for `beta` > 0) is the shared base with adapters disabled.
+    chunk boundary, and written with it into experiment checkpoints (the buffered generations as tensors, the
+    micro-step counter that decides when to generate again, the adaptive entropy state), so a resumed GRPO experiment
+    ends bit-for-bit where it would have ended. The reference model (for `beta` > 0) is the shared base with adapters
+    disabled.
     """
 
     per_run_fields = GRPO_PER_RUN_FIELDS
     run_attributes = RUN_ATTRIBUTES + _GRPO_RUN_ATTRIBUTES
-    supports_checkpoints = False  # a run's generation buffer spans boundaries; not in checkpoints yet
     result_metrics = ("reward", "reward_std", "completions/mean_length", "kl")
 
     def __init__(
@@ -816,6 +843,54 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     def _activate(self, run) -> None:
         super()._activate(run)
         self._patch_lm_head(self.temperature)
+
+    # Experiment checkpoints: what of a run's GRPO state outlives a boundary. Its buffered generations (reused by the
+    # next micro-steps, which may be in the next chunk) and the micro-step counter that says when to generate again;
+    # the adaptive entropy coefficient; and the last generation's completions table (`_logs`, when it is JSON: no
+    # images). Everything else is rebuilt from the run's arguments when it is activated.
+    _CHECKPOINT_SCALARS = ("_step", "_current_train_step_time", "entropy_coef", "_last_world_entropy")
+
+    def _checkpoint_extra_state(self, run, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        extra = super()._checkpoint_extra_state(run, tensors)
+        attributes = run.attributes
+        extra.update({name: attributes[name] for name in self._CHECKPOINT_SCALARS})
+        buffer = attributes["_buffered_inputs"]
+        extra["_buffered_inputs"] = None
+        if buffer is not None:
+            extra["_buffered_inputs"] = [
+                {key: _stash(value, f"extra.buffer.{i}.{key}", tensors) for key, value in batch.items()}
+                for i, batch in enumerate(buffer)
+            ]
+        extra["_entropy_window_stats"] = _stash(attributes["_entropy_window_stats"], "extra.entropy_window", tensors)
+        logs = attributes["_logs"]
+        table = {key: list(logs[key]) for key in ("prompt", "completion", "advantages")}
+        table.update({key: {name: list(values) for name, values in logs[key].items()} for key in ("rewards", "extra")})
+        try:
+            extra["_logs"] = json.loads(json.dumps(table)) if not logs["images"] else None
+        except (TypeError, ValueError):
+            extra["_logs"] = None
+        return extra
+
+    def _load_extra_state(self, extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super()._load_extra_state(extra, tensors)
+        if "_step" not in extra:
+            return
+        device = self.args.device
+        for name in self._CHECKPOINT_SCALARS:
+            setattr(self, name, extra[name])
+        buffer = extra["_buffered_inputs"]
+        self._buffered_inputs = None
+        if buffer is not None:
+            self._buffered_inputs = [
+                {key: _unstash(value, tensors, device) for key, value in batch.items()} for batch in buffer
+            ]
+        self._entropy_window_stats = _unstash(extra["_entropy_window_stats"], tensors, device)
+        if extra["_logs"] is not None:  # into the run's fresh deques (their maxlen is its generation batch)
+            for key in ("prompt", "completion", "advantages"):
+                self._logs[key].extend(extra["_logs"][key])
+            for key in ("rewards", "extra"):
+                for name, values in extra["_logs"][key].items():
+                    self._logs[key][name].extend(values)
 
     def _patch_lm_head(self, temperature: float) -> None:
         """`GRPOTrainer.__init__` patches the base model's forward with a fused LM head that divides the logits by
