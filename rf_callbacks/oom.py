@@ -135,7 +135,8 @@ def retry_after_oom(trainer, run: Run, error: Exception) -> bool:
     if watch is None or not isinstance(error, torch.OutOfMemoryError):
         return False
     # Free what the failed step held: its gradients, and the activations the exception's frames still reference.
-    trainer.model_wrapped.zero_grad(set_to_none=True)
+    for param in run.trainable:  # only its own: in fused mode other runs may hold accumulated gradients
+        param.grad = None
     traceback.clear_frames(error.__traceback__)
     gc.collect()
     if torch.cuda.is_available():
