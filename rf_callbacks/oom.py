@@ -18,6 +18,9 @@ micro-batch of odd size (halving it would change the effective batch), or an err
 evaluation or save after the step). The reason says which. The retry is recorded in the ledger (an `oom_retry` event),
 in `results()` and `run.json` (`oom_retry`: the step, the error, the old and new sizes), and in experiment checkpoints
 (a resumed experiment keeps the halved micro-batch).
+
+With `fused=True` the retry applies to runs trained alone (`_train_slice`); a fused group that runs out of memory is
+retried run by run by the fused round itself (`fused.py`), and a run whose own micro-batch still does not fit fails.
 """
 
 from __future__ import annotations
