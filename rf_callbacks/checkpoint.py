@@ -12,8 +12,11 @@ never half of one. A run that has not trained since the previous checkpoint has 
 
 Resuming (`trainer.train(resume_from_checkpoint=True)` or a path, or `rf-callbacks resume --dir OUT`, which reruns the
 script that wrote it) rebuilds the runs from the same script's configs plus the recorded clones, loads their state,
-cuts `ledger.jsonl` back to its length at the checkpoint (what was logged after it is logged again, not twice), and
-goes on from the next slice.
+cuts `ledger.jsonl` back to its length at the checkpoint (what was logged after it is logged again, not twice),
+reattaches the reporters to their tracking runs (MLflow, W&B and Trackio run ids are in the manifest) and goes on
+from the next slice. Reporters get each chunk's logs when the checkpoint that keeps them is written; logs sent after
+the last checkpoint by an interrupted `train()` (when its trainer was closed) are counted in `reported.json` next to
+the checkpoint, and a resume from it skips that many, so a tracker gets each step once.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
+from .oom import halve_micro_batch
 from .ops import Op
+from .reporters import Deferred
+from .reporting import write_json_atomic
 from .run import TRAINER_SCALARS, Run
 
 FORMAT = 1
@@ -115,6 +121,7 @@ class CheckpointMixin:
         self._rf_since_checkpoint = 0
         self._rf_clones: dict[str, dict[str, Any]] = {}  # child -> how it was made
         self._rf_resume: Path | None = None
+        self._rf_last_checkpoint: Path | None = None  # the checkpoint the reporters' backends are in step with
 
     # ------------------------------------------------------------------------------------------------ writing
     def _maybe_checkpoint(self, final: bool = False) -> None:
@@ -167,11 +174,28 @@ class CheckpointMixin:
         for run in self.coordinator:
             run.checkpoint_files, run.dirty = final / "runs" / run.name, False
         self._rf_since_checkpoint = 0
+        self._rf_last_checkpoint = final
         self._rf_ledger.write(None, None, None, "checkpoint", path=str(final))
         done = sorted((p for p in root.glob("checkpoint-*") if p != final and _number(p) >= 0), key=_number)
         for old in done[: max(0, len(done) - self._rf_keep + 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def close(self) -> None:
+        """Close the reporters and the ledger. After an interrupted `train()` the reporters still hold what came
+        after the last checkpoint: it is sent now, and `reported.json` in that checkpoint records how many logs of
+        each run went out, so that a resume from it does not send them again."""
+        sent = []
+        for reporter in self._rf_reporters:
+            if isinstance(reporter, Deferred):
+                reporter.send()
+                sent.append(reporter.reported())
+            else:
+                sent.append({})
+        last = self._rf_last_checkpoint
+        if any(sent) and last is not None and last.exists():
+            write_json_atomic(last / "reported.json", {"reporters": sent})
+        super().close()
 
     def _write_run(self, run: Run, folder: Path) -> None:
         tensors: dict[str, torch.Tensor] = {}
@@ -192,7 +216,7 @@ class CheckpointMixin:
             rng_tensors, record["rng"] = _rng_to_files(run.rng)
             tensors.update(rng_tensors)
             record["scalars"] = {name: attributes[name] for name in TRAINER_SCALARS}
-            record["extra"] = self._checkpoint_extra_state(run)
+            record["extra"] = self._checkpoint_extra_state(run, tensors)
             torch.save(attributes["optimizer"].state_dict(), folder / "optimizer.pt")
             torch.save(attributes["lr_scheduler"].state_dict(), folder / "scheduler.pt")
         if run.optimizer_init is not None:
@@ -216,6 +240,7 @@ class CheckpointMixin:
             "last_step": [None if grad_norm is None else float(grad_norm), learning_rate],
             "train_metrics": run.train_metrics,
             "clone": self._rf_clones.get(run.name),
+            "oom_retry": run.oom_retry,
         }
 
     @staticmethod
@@ -223,8 +248,9 @@ class CheckpointMixin:
         fields = ("kind", "run", "overrides", "warm_start", "copy_optimizer", "name", "source", "reason")
         return {key: getattr(op, key) for key in fields}
 
-    def _checkpoint_extra_state(self, run: Run) -> dict[str, Any]:
-        """The trainer subclass's own per-run state that a boundary does not reset (JSON)."""
+    def _checkpoint_extra_state(self, run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The trainer subclass's own per-run state that a boundary does not reset: returned as JSON, plus tensors
+        added to `tensors` under keys starting with `extra.` (CPU copies; they go to `state.safetensors`)."""
         attributes, extra = run.attributes, {}
         if "_metrics" in attributes:
             extra["_metrics"] = {split: dict(values) for split, values in attributes["_metrics"].items()}
@@ -232,7 +258,8 @@ class CheckpointMixin:
             extra["_total_train_tokens"] = attributes["_total_train_tokens"]
         return extra
 
-    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+    def _load_extra_state(self, extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what `_checkpoint_extra_state` saved, into the trainer's attributes of the run being restored."""
         if "_metrics" in extra:
             self._metrics = {split: defaultdict(list, values) for split, values in extra["_metrics"].items()}
         if "_total_train_tokens" in extra:
@@ -280,6 +307,11 @@ class CheckpointMixin:
         self._open_experiment(resuming=True)
         for reporter, state in zip(self._rf_reporters, manifest["reporters"]):
             reporter.load_state_dict(state)
+        if (path / "reported.json").exists():  # logs an interrupted process sent after this checkpoint
+            reported = json.loads((path / "reported.json").read_text(encoding="utf-8"))["reporters"]
+            for reporter, counts in zip(self._rf_reporters, reported):
+                if isinstance(reporter, Deferred):
+                    reporter.skip = dict(counts)
         for record in records:
             if record["clone"] is not None:
                 self._restore_clone(record["clone"])
@@ -292,6 +324,7 @@ class CheckpointMixin:
             if op.kind == "clone":
                 op.spec = self._clone_spec(op)
         self._rf_boundaries = manifest["boundary"]
+        self._rf_last_checkpoint = path
         self._rf_ledger.write(None, None, None, "resumed", path=str(path))
 
     def _restore_clone(self, record: dict[str, Any]) -> None:
@@ -301,6 +334,9 @@ class CheckpointMixin:
         self._add_clone(op, self.coordinator[op.run], start_slice=record["start_slice"], restoring=True)
 
     def _restore_run(self, run: Run, record: dict[str, Any], folder: Path) -> None:
+        if record.get("oom_retry") and run.oom_retry is None:  # it went on with half the micro-batch
+            halve_micro_batch(run)
+            run.oom_retry = record["oom_retry"]
         tensors = load_file(folder / "state.safetensors")
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if record["status"] == "deleted":
@@ -319,7 +355,7 @@ class CheckpointMixin:
                 self._tr_loss = tensors["tr_loss"].to(self.args.device).reshape(())
                 for name, value in state["scalars"].items():
                     setattr(self, name, value)
-                self._load_extra_state(state["extra"])
+                self._load_extra_state(state["extra"], tensors)
                 run.rng = _rng_from_files(tensors, state["rng"])
             boundary = {k[len("boundary.") :]: v for k, v in tensors.items() if k.startswith("boundary.")}
             run.boundary_weights = boundary or None

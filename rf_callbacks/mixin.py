@@ -376,6 +376,10 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
         except StopIteration as stop:
             finished, boundary = stop.value
         except Exception as error:
+            from .oom import retry_after_oom
+
+            if retry_after_oom(self, run, error):  # oom_retry=True: it goes on from that step, half the micro-batch
+                return
             if len(self.coordinator) == 1:
                 raise
             self._slice_failed(run, error)

@@ -21,6 +21,9 @@ run's global step, plus `chunk`; its end status.
 - `"trackio"`: one Trackio run per rf run in project = the experiment name, in trackio's local store (`TRACKIO_DIR`,
   else `~/.cache/huggingface/trackio`; `trackio show --project <name>`).
 
+Each reporter's `state_dict()` (its tracking run ids) goes into every experiment checkpoint, so a resumed experiment
+continues the same tracking runs in every backend.
+
 The experiment name is `args.run_name`, else the output folder's name.
 """
 
@@ -69,6 +72,11 @@ class Deferred:
     then shows exactly what a resumed experiment keeps (the steps after the last checkpoint are logged once, after
     the resume, not twice).
 
+    Calls still held when the trainer is closed after an interrupted `train()` (an exception, Ctrl-C) are sent
+    then (`send()`), and the trainer records how many `log` calls of each run went out after the checkpoint
+    (`reported()`, next to it); a resume from that checkpoint drops that many of each run's first `log` calls
+    (`skip`), so the backend gets each step once either way.
+
     Args:
         reporter ([`Reporter`]): The backend's reporter.
     """
@@ -77,9 +85,14 @@ class Deferred:
         self.reporter = reporter
         self.calls: list[tuple[str, Any, tuple]] = []
         self.hold = False  # outside `train()` calls go through at once
+        self.sent: dict[str, int] = {}  # per run: held `log` calls sent since the last checkpoint (or skipped)
+        self.skip: dict[str, int] = {}  # per run: `log` calls to drop, sent by an interrupted run of the experiment
 
     def _call(self, method: str, run: Run, *args: Any) -> None:
-        if self.hold:
+        if method == "log" and self.skip.get(run.name):
+            self.skip[run.name] -= 1
+            self.sent[run.name] = self.sent.get(run.name, 0) + 1
+        elif self.hold:
             self.calls.append((method, self._frozen(run), args))
         else:
             getattr(self.reporter, method)(run, *args)
@@ -100,14 +113,33 @@ class Deferred:
     def finish(self, run: Run) -> None:
         self._call("finish", run)
 
-    def flush(self) -> None:
+    def send(self) -> None:
+        """Send the held calls now, between checkpoints (counted in `sent`)."""
         calls, self.calls = self.calls, []
         for method, run, args in calls:
             getattr(self.reporter, method)(run, *args)
+            if method == "log":
+                self.sent[run.name] = self.sent.get(run.name, 0) + 1
+
+    def reported(self) -> dict[str, int]:
+        """Per run, the `log` calls the backend has got since the last checkpoint (sent, or skipped because an
+        earlier process had sent them)."""
+        names = set(self.sent) | set(self.skip)
+        counts = {name: self.sent.get(name, 0) + self.skip.get(name, 0) for name in sorted(names)}
+        return {name: count for name, count in counts.items() if count}
+
+    def flush(self) -> None:
+        """Send the held calls: a checkpoint is being written, and it keeps everything sent so far."""
+        calls, self.calls = self.calls, []
+        for method, run, args in calls:
+            getattr(self.reporter, method)(run, *args)
+        self.sent.clear()
+        self.skip.clear()
         self.reporter.flush()
 
     def close(self) -> None:
-        self.flush()
+        self.send()
+        self.reporter.flush()
         self.reporter.close()
 
     def state_dict(self) -> dict[str, Any]:
@@ -293,6 +325,10 @@ class TensorBoardReporter:
 class WandbReporter:
     """One W&B run per rf run, opened with `wandb.init(reinit="create_new")` so several live in one process.
 
+    The W&B run ids are kept in experiment checkpoints: a resumed experiment reopens each run with
+    `wandb.init(id=<its id>, resume="allow")`, so it continues the same W&B run. Offline, wandb writes the resumed
+    part to a new `offline-run-<time>-<id>` folder with the same run id; `wandb sync` uploads both into one run.
+
     Args:
         project (`str`): The W&B project.
         group (`str`): The W&B group that holds the experiment's runs.
@@ -306,6 +342,7 @@ class WandbReporter:
         self.project, self.group, self.directory = project, group, Path(directory)
         self.runs: dict[str, Any] = {}
         self.finished: set[str] = set()
+        self.run_ids: dict[str, str] = {}  # every W&B run opened, by rf run (kept across a resume)
 
     @classmethod
     def from_env(cls, output_dir: str | os.PathLike, run_name: str | None) -> WandbReporter:
@@ -316,7 +353,8 @@ class WandbReporter:
         if run.name in self.runs:  # resumed after a stop: its W&B run is still open
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.runs[run.name] = self._wandb.init(
+        run_id = self.run_ids.get(run.name)  # opened before a checkpoint this experiment resumed from
+        self.runs[run.name] = wandb_run = self._wandb.init(
             project=self.project,
             group=self.group,
             name=run.name,
@@ -324,7 +362,10 @@ class WandbReporter:
             tags=[f"parent:{run.spec.parent}"] if run.spec.parent else None,
             dir=str(self.directory),
             reinit="create_new",
+            id=run_id,
+            resume="allow" if run_id else None,
         )
+        self.run_ids[run.name] = wandb_run.id
 
     def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
         if run.name in self.finished:  # a finished W&B run takes no more data; the ledger has it
@@ -357,10 +398,11 @@ class WandbReporter:
                 self.finished.add(name)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # a resumed experiment opens new W&B runs (see the README's limitations)
+        return {"run_ids": dict(self.run_ids), "finished": sorted(self.finished)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.run_ids.update(state.get("run_ids", {}))
+        self.finished.update(state.get("finished", []))
 
 
 class TrackioReporter:
@@ -369,7 +411,8 @@ class TrackioReporter:
     `trackio.init()` finishes the process's current run before it starts another, so the runs are `trackio.Run`
     objects built directly, as `trackio.init()` builds them: each has its own run id and writer thread and logs into
     the same project database, so all of them stay open side by side. Trackio has no run status; a run's end only
-    flushes and finishes it (the status is in the ledger and `run.json`).
+    flushes and finishes it (the status is in the ledger and `run.json`). The Trackio run ids are kept in experiment
+    checkpoints: a resumed experiment logs into the same Trackio runs (same name and id in the same project).
 
     Args:
         project (`str`): The Trackio project that holds the experiment's runs.
@@ -382,6 +425,7 @@ class TrackioReporter:
         self.project = project
         self.runs: dict[str, Any] = {}
         self.finished: set[str] = set()
+        self.run_ids: dict[str, str] = {}  # every Trackio run opened, by rf run (kept across a resume)
 
     @classmethod
     def from_env(cls, output_dir: str | os.PathLike, run_name: str | None) -> TrackioReporter:
@@ -390,9 +434,11 @@ class TrackioReporter:
     def start(self, run: Run) -> None:
         if run.name in self.runs:
             return
-        self.runs[run.name] = self._trackio.Run(
-            url=None, project=self.project, client=None, name=run.name, config=run_params(run)
-        )
+        self.runs[run.name] = trackio_run = self._trackio.Run(
+            url=None, project=self.project, client=None, name=run.name, run_id=self.run_ids.get(run.name),
+            config=run_params(run),
+        )  # fmt: skip
+        self.run_ids[run.name] = trackio_run.id
 
     def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
         # A finished trackio run still takes logs (written at once instead of by its stopped thread).
@@ -416,10 +462,11 @@ class TrackioReporter:
                 self.finished.add(name)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # a resumed experiment opens new Trackio runs (see the README's limitations)
+        return {"run_ids": dict(self.run_ids), "finished": sorted(self.finished)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        return None
+        self.run_ids.update(state.get("run_ids", {}))
+        self.finished.update(state.get("finished", []))
 
 
 REPORTERS = {

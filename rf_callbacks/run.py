@@ -59,6 +59,7 @@ class Run:
     num_parameters: int = 0  # base (without embeddings) + its adapter, for FLOPs estimates
     dirty: bool = True  # trained (or changed) since its files were last written to a checkpoint
     checkpoint_files: Path | None = None  # the checkpoint folder that holds its current files
+    oom_retry: dict | None = None  # with oom_retry=True, its retry after running out of memory (see `oom.py`)
 
     @property
     def name(self) -> str:
@@ -110,5 +111,6 @@ class Run:
             "error": self.error,
             "reason": self.reason,
             "config": self.spec.summary,
+            "oom_retry": self.oom_retry,
             **metrics,
         }

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from trl.trainer.utils import create_model_from_path
 from .adapters import attach_adapters
 from .configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from .mixin import RUN_ATTRIBUTES, MultiConfigMixin
+from .oom import init_oom_retry
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,17 @@ SFT_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
 
 
 def _validate_setup(
-    specs: list[RunSpec], args: TrainingArguments, num_chunks: Any, optimizers: tuple, offload_optimizer: Any
+    specs: list[RunSpec],
+    args: TrainingArguments,
+    num_chunks: Any,
+    optimizers: tuple,
+    offload_optimizer: Any,
+    oom_retry: Any = False,
 ) -> None:
     if offload_optimizer not in (True, False, "auto"):
         raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
+    if not isinstance(oom_retry, bool):
+        raise ValueError(f"oom_retry={oom_retry!r} is invalid; use True or False")
     if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks={num_chunks!r} is invalid; it must be an int >= 1")
     if len(specs) > 1 and any(item is not None for item in optimizers):
@@ -171,6 +180,16 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         max_fused (`int` or `"auto"`, *optional*, defaults to `"auto"`):
             Most runs in one fused group. `"auto"`: on CUDA as many as the free memory holds (from the memory per
             row measured in earlier rounds, 4 until then), 8 elsewhere.
+        oom_retry (`bool`, *optional*, defaults to `False`):
+            When a run's step runs out of memory (`torch.OutOfMemoryError`) in its forward or backward pass, free its
+            gradients and the CUDA cache and go on from that optimizer step with `per_device_train_batch_size` halved
+            and `gradient_accumulation_steps` doubled: the same rows per optimizer step, data order, step count and
+            LR schedule (not bit-for-bit what the larger micro-batch would give: padding, summation order and dropout
+            masks differ). Once per run; a second out-of-memory error, an odd micro-batch, or one in the optimizer
+            step or in an evaluation fails the run with the reason. Recorded in the ledger (`oom_retry` event),
+            `results()` and `run.json`. With `False`, an out-of-memory error fails the run like any other error.
+            With `fused=True` it applies to runs trained alone; a fused group that runs out of memory is retried run
+            by run by the fused round itself, and a run whose own micro-batch still does not fit fails.
 
     Usage:
     ```python
@@ -228,11 +247,12 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         checkpoint_every: int | None = None,
         fused: bool = False,
         max_fused: int | str = "auto",
+        oom_retry: bool = False,
     ):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
         specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
-        _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer)
+        _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer, oom_retry)
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         _check_sft_dataset(train_dataset, "train_dataset", args, formatting_func)
@@ -269,6 +289,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             fused,
             max_fused,
         )
+        init_oom_retry(self, oom_retry)
 
     def _check_fused(self, max_fused: Any) -> None:
         """Refuse, before training, what the fused forward cannot serve (it relies on TRL's fused LM head and on
@@ -378,10 +399,10 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     """Direct preference optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus the rf-callbacks ones (`configs`,
-    `num_chunks`, `policies`, `checkpoint_every`, ...) as [`RFSFTTrainer`] takes them. Per-run fields are those of
-    `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta, loss_type,
-    loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau, max_length,
-    truncation_mode, pad_to_multiple_of.
+    `num_chunks`, `policies`, `checkpoint_every`, `oom_retry`, ...) as [`RFSFTTrainer`] takes them. Per-run fields are
+    those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta,
+    loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
+    max_length, truncation_mode, pad_to_multiple_of.
 
     The reference model is the shared base with adapters disabled (every run starts from a fresh adapter, whose model
     equals the base): no reference copy of the model, and no frozen "ref" adapter, per run. With `ref_model` (a model
@@ -433,6 +454,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         boundary_eval: bool = True,
         checkpoint_every: int | None = None,
         fused: bool = False,
+        oom_retry: bool = False,
     ):
         from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
 
@@ -451,7 +473,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
         validate_dpo_specs(specs)
         refuse_ref_name(specs)
-        _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer)
+        _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer, oom_retry)
         if train_dataset is None:
             raise ValueError("train_dataset is required")
         _check_preference_dataset(train_dataset, "train_dataset")
@@ -482,6 +504,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         self._build_runs(
             specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval, checkpoint_every
         )
+        init_oom_retry(self, oom_retry)
 
     def results(self) -> list[dict[str, Any]]:
         """`RFSFTTrainer.results()` plus the last logged DPO reward metrics (train and eval) of each run."""
@@ -640,6 +663,30 @@ def _grpo_epoch_order(
     return tuple(order)
 
 
+def _stash(value: Any, key: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """One value of a GRPO run's checkpointed state: a tensor goes to `tensors` (a CPU copy), a list of them item by
+    item (e.g. per-image pixel values), anything else must be JSON."""
+    if isinstance(value, torch.Tensor):
+        tensors[key] = value.detach().to("cpu", copy=True).contiguous()
+        return {"tensor": key}
+    if isinstance(value, (list, tuple)) and any(isinstance(item, torch.Tensor) for item in value):
+        return {"list": [_stash(item, f"{key}.{j}", tensors) for j, item in enumerate(value)]}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"RFGRPOTrainer cannot write {key} ({type(value).__name__}) into an experiment checkpoint; turn "
+            "checkpoints off with save_strategy='no'"
+        ) from None
+    return {"value": value}
+
+
+def _unstash(record: dict[str, Any], tensors: dict[str, torch.Tensor], device) -> Any:
+    if "list" in record:
+        return [_unstash(item, tensors, device) for item in record["list"]]
+    return tensors[record["tensor"]].to(device) if "tensor" in record else record["value"]
+
+
 def _check_prompt_dataset(dataset: Any, name: str) -> None:
     """Refuse, before any work, a data set `GRPOTrainer` could only fail on later (or one without a length)."""
     for label, data in _datasets(dataset, name):
@@ -651,22 +698,24 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     """Group relative policy optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.GRPOTrainer`] with the same meaning (reward functions are shared by all runs), plus
-    the rf-callbacks ones (`configs`, `num_chunks`, `policies`, ...; not `checkpoint_every` yet) as [`RFSFTTrainer`]
-    takes them. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones: num_generations,
-    max_completion_length, steps_per_generation (or generation_batch_size), temperature, top_p, top_k, min_p,
-    repetition_penalty, generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta,
+    the rf-callbacks ones (`configs`, `num_chunks`, `policies`, `checkpoint_every`, ...; not `oom_retry=True` yet)
+    as [`RFSFTTrainer`] takes them. Per-run fields are those of `RFSFTTrainer` plus the GRPO ones:
+    num_generations, max_completion_length, steps_per_generation (or generation_batch_size), temperature, top_p,
+    top_k, min_p, repetition_penalty, generation_kwargs, beta, num_iterations, epsilon, epsilon_high, delta,
     importance_sampling_level, reward_weights, scale_rewards, loss_type, mask_truncated_completions,
     top_entropy_quantile, entropy_coef. Each run's generation batch must be divisible by its num_generations
     (checked before any work).
 
     Completions are generated with the active run's adapter. Each run keeps its own generation buffer (reused for
     `steps_per_generation` x `num_iterations` micro-steps) and its own metrics; they are parked with the run at a
-    chunk boundary. The reference model (for `beta` > 0) is the shared base with adapters disabled.
+    chunk boundary, and written with it into experiment checkpoints (the buffered generations as tensors, the
+    micro-step counter that decides when to generate again, the adaptive entropy state), so a resumed GRPO experiment
+    ends bit-for-bit where it would have ended. The reference model (for `beta` > 0) is the shared base with adapters
+    disabled.
     """
 
     per_run_fields = GRPO_PER_RUN_FIELDS
     run_attributes = RUN_ATTRIBUTES + _GRPO_RUN_ATTRIBUTES
-    supports_checkpoints = False  # a run's generation buffer spans boundaries; not in checkpoints yet
     result_metrics = ("reward", "reward_std", "completions/mean_length", "kl")
 
     def __init__(
@@ -692,12 +741,18 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         boundary_eval: bool = True,
         checkpoint_every: int | None = None,
         fused: bool = False,
+        oom_retry: bool = False,
     ):
         _refuse_fused(fused, "RFGRPOTrainer")
         import copy
 
         from .preference import GRPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_grpo_specs
 
+        if oom_retry is not False:
+            raise ValueError(
+                f"oom_retry={oom_retry!r}: RFGRPOTrainer cannot retry a step that ran out of memory yet (a smaller "
+                "micro-batch changes its generation batch and the generation buffer it reuses across steps)"
+            )
         if args is None:
             model_name = model if isinstance(model, str) else model.config._name_or_path
             args = GRPOConfig(f"{model_name.split('/')[-1]}-GRPO")
@@ -788,6 +843,54 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     def _activate(self, run) -> None:
         super()._activate(run)
         self._patch_lm_head(self.temperature)
+
+    # Experiment checkpoints: what of a run's GRPO state outlives a boundary. Its buffered generations (reused by the
+    # next micro-steps, which may be in the next chunk) and the micro-step counter that says when to generate again;
+    # the adaptive entropy coefficient; and the last generation's completions table (`_logs`, when it is JSON: no
+    # images). Everything else is rebuilt from the run's arguments when it is activated.
+    _CHECKPOINT_SCALARS = ("_step", "_current_train_step_time", "entropy_coef", "_last_world_entropy")
+
+    def _checkpoint_extra_state(self, run, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        extra = super()._checkpoint_extra_state(run, tensors)
+        attributes = run.attributes
+        extra.update({name: attributes[name] for name in self._CHECKPOINT_SCALARS})
+        buffer = attributes["_buffered_inputs"]
+        extra["_buffered_inputs"] = None
+        if buffer is not None:
+            extra["_buffered_inputs"] = [
+                {key: _stash(value, f"extra.buffer.{i}.{key}", tensors) for key, value in batch.items()}
+                for i, batch in enumerate(buffer)
+            ]
+        extra["_entropy_window_stats"] = _stash(attributes["_entropy_window_stats"], "extra.entropy_window", tensors)
+        logs = attributes["_logs"]
+        table = {key: list(logs[key]) for key in ("prompt", "completion", "advantages")}
+        table.update({key: {name: list(values) for name, values in logs[key].items()} for key in ("rewards", "extra")})
+        try:
+            extra["_logs"] = json.loads(json.dumps(table)) if not logs["images"] else None
+        except (TypeError, ValueError):
+            extra["_logs"] = None
+        return extra
+
+    def _load_extra_state(self, extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super()._load_extra_state(extra, tensors)
+        if "_step" not in extra:
+            return
+        device = self.args.device
+        for name in self._CHECKPOINT_SCALARS:
+            setattr(self, name, extra[name])
+        buffer = extra["_buffered_inputs"]
+        self._buffered_inputs = None
+        if buffer is not None:
+            self._buffered_inputs = [
+                {key: _unstash(value, tensors, device) for key, value in batch.items()} for batch in buffer
+            ]
+        self._entropy_window_stats = _unstash(extra["_entropy_window_stats"], tensors, device)
+        if extra["_logs"] is not None:  # into the run's fresh deques (their maxlen is its generation batch)
+            for key in ("prompt", "completion", "advantages"):
+                self._logs[key].extend(extra["_logs"][key])
+            for key in ("rewards", "extra"):
+                for name, values in extra["_logs"][key].items():
+                    self._logs[key][name].extend(values)
 
     def _patch_lm_head(self, temperature: float) -> None:
         """`GRPOTrainer.__init__` patches the base model's forward with a fused LM head that divides the logits by

@@ -5,6 +5,7 @@ any work; metrics stay per run."""
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -235,3 +236,70 @@ def test_clone_of_a_grpo_run_gets_its_own_generation_settings(make_model, tokeni
     assert rows["a-g2"]["status"] == "completed" and isinstance(rows["a-g2"]["reward"], float)
     clone = trainer.runs["a-g2"]
     assert clone.args.num_generations == 2 and clone.args.generation_batch_size == 8
+
+
+def test_interrupted_grpo_experiment_resumes_bit_for_bit(make_model, tokenizer, prompts, tmp_path, monkeypatch):
+    """Checkpoints at every boundary; Ctrl-C while run "c" trains its second chunk, when the last checkpoint holds run
+    "a" at step 6, in the middle of a 4-step generation cycle: the resume must continue from a's buffered generations,
+    not generate afresh. Every adapter and every logged value then equals the uninterrupted run's."""
+    from transformers import TrainerCallback
+
+    from rf_callbacks.checkpoint import latest_checkpoint
+    from rf_callbacks.reporting import read_ledger
+
+    def args(out):
+        return grpo_config(out, save_strategy="steps", save_steps=10000)
+
+    def build(out):
+        set_seed(7)
+        return RFGRPOTrainer(
+            model=make_model(), reward_funcs=REWARDS, args=args(out), train_dataset=prompts,
+            processing_class=tokenizer, configs=rotation_configs(), num_chunks=5, control_socket=False,
+        )  # fmt: skip
+
+    def values(out):  # every logged value but timings
+        keys = [*LOGGED, "grad_norm", "learning_rate", "entropy", "clip_ratio/region_mean"]
+        records = read_ledger(out / "ledger.jsonl")
+        return sorted((r["run"], r["step"], k, r[k]) for r in records if r["event"] == "log" for k in keys if k in r)
+
+    reference = build(tmp_path / "reference")
+    reference.train()
+    interrupted = tmp_path / "interrupted"
+    trainer = build(interrupted)
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer._rf_active.name == "c" and state.global_step == 2:
+                raise KeyboardInterrupt
+
+    trainer.add_callback(CtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    last = latest_checkpoint(interrupted)
+    state = json.loads((last / "runs" / "a" / "state.json").read_text())["extra"]
+    assert state["_step"] == 6 and len(state["_buffered_inputs"]) == 2  # a is mid-cycle there
+
+    resumed = build(interrupted)
+    resumed.train(resume_from_checkpoint=True)
+    assert [row["status"] for row in resumed.results()] == ["completed"] * 3
+    for name in ("a", "b", "c"):
+        assert max_abs_diff(adapter_weights(reference.model, name), adapter_weights(resumed.model, name)) == 0.0, name
+    assert values(interrupted) == values(tmp_path / "reference")
+
+    # Negative control: a resume that drops the buffered generations regenerates them, and run "a" drifts.
+    broken = tmp_path / "broken"
+    trainer = build(broken)
+    trainer.add_callback(CtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()
+    load = RFGRPOTrainer._load_extra_state
+
+    def forgetful(self, extra, tensors):
+        load(self, {**extra, "_buffered_inputs": None} if "_step" in extra else extra, tensors)
+
+    monkeypatch.setattr(RFGRPOTrainer, "_load_extra_state", forgetful)
+    again = build(broken)
+    again.train(resume_from_checkpoint=True)
+    assert max_abs_diff(adapter_weights(reference.model, "a"), adapter_weights(again.model, "a")) > 1e-4

@@ -237,3 +237,90 @@ def test_mlflow_shows_a_stop_and_a_clone(tokenizer, chat_data, sft_args, tmp_pat
     assert runs["a2"].info.status == "FINISHED"
     assert runs["a2"].data.tags["rf.parent"] == "a" and runs["a2"].data.params["parent"] == "a"
     assert runs["a2"].data.params["warm_start"] == "True"
+
+
+def test_wandb_and_trackio_runs_continue_after_an_interrupted_experiment_resumes(
+    tokenizer, chat_data, sft_args, tmp_path, monkeypatch
+):
+    """Ctrl-C in the middle of a chunk, the trainer closed (which sends what came after the last checkpoint), then a
+    resume: each rf run keeps one W&B run id and one Trackio run, and each backend holds every logged step once."""
+    import json
+
+    import trackio
+    from trackio.sqlite_storage import SQLiteStorage
+    from transformers import TrainerCallback
+
+    offline = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb"), "WANDB_PROJECT": "rf-test"}
+    for key, value in {**offline, "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+
+    settings = {"max_steps": 8, "per_device_train_batch_size": 8, "save_strategy": "steps", "save_steps": 10000}
+
+    def build():
+        set_seed(0)
+        return RFSFTTrainer(
+            model=build_tiny_model(tokenizer),
+            args=sft_args(output_dir=str(out), report_to=["wandb", "trackio"], run_name="rf-resume", **settings),
+            train_dataset=chat_data[0],
+            eval_dataset=chat_data[1],
+            processing_class=tokenizer,
+            configs=[
+                {"name": "a", "peft_config": LoraConfig(r=4, target_modules=["q_proj"])},
+                {"name": "b", "peft_config": LoraConfig(r=8, target_modules=["v_proj"]), "learning_rate": 5e-3},
+            ],
+            num_chunks=4,
+            control_socket=False,
+        )
+
+    trainer = build()
+
+    class CtrlC(TrainerCallback):  # b's second chunk, after checkpoints at three boundaries
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer._rf_active.name == "b" and state.global_step == 5:
+                raise KeyboardInterrupt
+
+    trainer.add_callback(CtrlC())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.close()  # sends b's step 4, logged after the last checkpoint; recorded so the resume skips it
+    reported = json.loads((out / "checkpoints" / "checkpoint-3" / "reported.json").read_text())
+    assert reported == {"reporters": [{"b": 1}, {"b": 1}]}
+
+    resumed = build()
+    resumed.train(resume_from_checkpoint=True)
+    resumed.close()
+    assert [row["status"] for row in resumed.results()] == ["completed", "completed"]
+    ledger = read_ledger(out / "ledger.jsonl")
+
+    def check(got: list[tuple[int, float]], name: str, key: str) -> None:  # each step once, in order
+        want = [(r["step"], r[key]) for r in ledger if r["run"] == name and r["event"] == "log" and key in r]
+        assert [step for step, _ in got] == [step for step, _ in want] and want, (name, key)
+        assert [value for _, value in got] == pytest.approx([value for _, value in want], rel=1e-6), (name, key)
+
+    # W&B, offline: the resumed part of a run is a new folder with the same run id.
+    segments: dict[str, list] = {}
+    for run_dir in sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*")):
+        (path,) = run_dir.glob("run-*.wandb")
+        records = list(wandb_records(path))
+        (run,) = [record.run for record in records if record.WhichOneof("record_type") == "run"]
+        history = [
+            {wandb_key(item): json.loads(item.value_json) for item in record.history.item}
+            for record in records
+            if record.WhichOneof("record_type") == "history"
+        ]
+        segments.setdefault(run.display_name, []).append((run.run_id, history))
+    assert sorted(segments) == ["a", "b"]
+    for name, parts in segments.items():
+        assert len(parts) == 2 and len({run_id for run_id, _ in parts}) == 1, name  # one W&B run, resumed once
+        rows = [row for _, history in parts for row in history]
+        for key, ledger_key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
+            check([(row["_step"], row[key]) for row in rows if key in row], name, ledger_key)
+
+    # Trackio: one run per rf run (same id before and after the resume), every step once.
+    runs = trackio.Api().runs("rf-resume")
+    assert sorted(run.name for run in runs) == ["a", "b"]
+    for run in runs:
+        logs = SQLiteStorage.get_logs("rf-resume", run.name, run_id=run.id)
+        for key, ledger_key in (("train/loss", "loss"), ("eval/loss", "eval_loss")):
+            check([(row["step"], row[key]) for row in logs if key in row], run.name, ledger_key)
