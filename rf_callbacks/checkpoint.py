@@ -114,7 +114,7 @@ class CheckpointMixin:
         args = self._rf_shared_args
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {every!r}")
-        enabled = self.supports_checkpoints and args.save_strategy != "no"
+        enabled = args.save_strategy != "no"
         self._rf_checkpoint_every = (every or 1) if enabled else None
         self._rf_keep = args.save_total_limit or 2
         self._rf_boundaries = 0  # boundaries reached in this experiment (checkpoints are numbered by it)

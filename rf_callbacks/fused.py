@@ -69,20 +69,24 @@ def concat_batches(batches: Sequence[dict[str, Any]]) -> tuple[dict[str, torch.T
 
 
 def _mixed_forward(layer: LoraLinear, segments: Sequence[tuple[str, slice]], x: torch.Tensor, *args, **kwargs):
-    """`lora.Linear.forward` for a batch whose row segments belong to different adapters (vanilla LoRA, the same
-    operations in the same order as PEFT's, applied per segment)."""
+    """`lora.Linear.forward` for a batch whose row segments belong to different adapters (vanilla LoRA: per row, the
+    same operations as PEFT's forward with that row's adapter alone)."""
     if x.shape[0] != segments[-1][1].stop:
         raise RuntimeError(f"fused LoRA forward: a layer got {x.shape[0]} rows, expected {segments[-1][1].stop}")
     result = layer.base_layer(x, *args, **kwargs)
-    for adapter, rows in segments:
+    if not any(adapter in layer.lora_A for adapter, _ in segments):
+        return result
+    # One `split` and one `cat`: their backwards are one concatenation and views. Slicing rows instead makes every
+    # segment's backward write a zero-filled gradient of the whole batch (quadratic in the group size).
+    deltas = []
+    for (adapter, rows), sub in zip(segments, x.split([rows.stop - rows.start for _, rows in segments])):
         if adapter in layer.lora_A:
             lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
-            sub = layer._cast_input_dtype(x[rows], lora_A.weight.dtype)
-            delta = lora_B(lora_A(layer.lora_dropout[adapter](sub))) * layer.scaling[adapter]
-            # in place (a linear layer's backward needs its input and weight, not its output); added in the promoted
-            # dtype, then cast, as PEFT does
-            result[rows] = (result[rows] + delta).to(result.dtype)
-    return result
+            sub = layer._cast_input_dtype(sub, lora_A.weight.dtype)
+            deltas.append(lora_B(lora_A(layer.lora_dropout[adapter](sub))) * layer.scaling[adapter])
+        else:
+            deltas.append(result.new_zeros((rows.stop - rows.start, *result.shape[1:])))
+    return (result + torch.cat(deltas)).to(result.dtype)  # added in the promoted dtype, then cast, as PEFT does
 
 
 @contextlib.contextmanager

@@ -91,7 +91,6 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
     """
 
     run_attributes: tuple[str, ...] = RUN_ATTRIBUTES
-    supports_checkpoints: bool = True
 
     # ----------------------------------------------------------------------------------------------- building
     def _build_runs(
@@ -277,8 +276,6 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
         if resume_from_checkpoint not in (None, False):
             if self._rf_started:
                 raise ValueError("resume_from_checkpoint needs a freshly built trainer (this one has trained already)")
-            if not self.supports_checkpoints:
-                raise NotImplementedError(f"{type(self).__name__} cannot resume from a checkpoint yet")
             self._rf_resume = self._resolve_checkpoint(resume_from_checkpoint)
         with self._rf_ops_lock:  # from here on ops wait for a safe point: `Trainer.train` moves the model around
             self._rf_training = True
