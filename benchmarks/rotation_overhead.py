@@ -10,6 +10,7 @@ the peak RSS of 1 vs 8 configs (each measured in its own subprocess). Runs on a 
     python benchmarks/rotation_overhead.py --hidden 512 --layers 8
     python benchmarks/rotation_overhead.py --trainer dpo --steps 32 --skip-rss
     python benchmarks/rotation_overhead.py --trainer grpo --steps 16 --skip-rss
+    python benchmarks/rotation_overhead.py --fused --skip-rss            # RFSFTTrainer(fused=True)
 
 Neither side evaluates (no eval set): this measures training plus the cost of rotating, not evaluation. The last line
 of stdout is one JSON object with every number.
@@ -93,6 +94,7 @@ TRAINERS = {
     ),
 }
 KIND = "sft"
+FUSED = False  # --fused: RFSFTTrainer(fused=True)
 
 
 def sft_args(output_dir: str, max_steps: int, batch_size: int, **overrides):
@@ -150,14 +152,17 @@ class SwapTimer:
         timer = self
 
         def timed_activate(trainer, run):
+            if trainer._rf_active is run:  # already active: nothing to swap
+                return activate(trainer, run)
             first = not run.attributes
             started = time.perf_counter()
             activate(trainer, run)
             (timer.setups if first else timer.swaps).append(time.perf_counter() - started)
 
-        def timed_train_steps(trainer, *args, **kwargs):
+        def timed_train_steps(trainer, *args, **kwargs):  # a generator: timed from its first step to its return
+            steps = train_steps(trainer, *args, **kwargs)
             started = time.perf_counter()
-            result = train_steps(trainer, *args, **kwargs)
+            result = yield from steps
             timer.slices.append(time.perf_counter() - started)
             return result
 
@@ -177,6 +182,7 @@ def run_rotation(model_dir: str, tokenizer, train, work: str, steps: int, batch:
         configs=configs(count),
         num_chunks=chunks,
         **extra,
+        **({"fused": True} if FUSED else {}),
     )
     trainer.train()
     return time.perf_counter() - started, trainer
@@ -211,6 +217,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="alternating plain/rotation pairs; medians reported")
     parser.add_argument("--trainer", choices=sorted(TRAINERS), default="sft")
+    parser.add_argument("--fused", action="store_true", help="RFSFTTrainer(fused=True): runs share each forward")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 1 vs 8 configs peak-RSS subprocesses")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -218,8 +225,10 @@ def main() -> None:
     if args.rss_child:
         return peak_rss_child(args)
 
-    global KIND
-    KIND = args.trainer
+    global KIND, FUSED
+    KIND, FUSED = args.trainer, args.fused
+    if FUSED and KIND != "sft":
+        parser.error("--fused is for --trainer sft")
     tokenizer = build_tokenizer()
     train = TRAINERS[KIND][3]()
     with tempfile.TemporaryDirectory() as work:
@@ -253,6 +262,7 @@ def main() -> None:
     result = {
         "benchmark": "rotation_overhead",
         "trainer": args.trainer,
+        "fused": args.fused,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "model_params": params,
         "configs": args.configs,
