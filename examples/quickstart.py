@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--num-chunks", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fused", action="store_true", help="train the configs of a chunk in one forward/backward")
     args = parser.parse_args()
 
     shutil.rmtree(args.output_dir, ignore_errors=True)
@@ -94,6 +95,7 @@ def main() -> None:
         processing_class=tokenizer,
         configs=configs,
         num_chunks=args.num_chunks,
+        fused=args.fused,
     )
     started = time.perf_counter()
     trainer.train()
