@@ -16,11 +16,13 @@ cuts `ledger.jsonl` back to its length at the checkpoint (what was logged after 
 reattaches the reporters to their tracking runs (MLflow, W&B and Trackio run ids are in the manifest) and goes on
 from the next slice. Reporters get each chunk's logs when the checkpoint that keeps them is written; logs sent after
 the last checkpoint by an interrupted `train()` (when its trainer was closed) are counted in `reported.json` next to
-the checkpoint, and a resume from it skips that many, so a tracker gets each step once.
+the checkpoint, and a resume from it skips that many, so a tracker gets each step once. Ops accepted after the
+checkpoint from outside the script (socket, CLI, dashboard) are read from the cut part of the ledger and queued again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
 from .oom import halve_micro_batch
-from .ops import Op
+from .ops import Op, OpError
 from .reporters import Deferred
 from .reporting import write_json_atomic
 from .run import TRAINER_SCALARS, Run
@@ -301,7 +303,9 @@ class CheckpointMixin:
         if manifest["num_chunks"] != self._rf_num_chunks:
             raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {self._rf_num_chunks}")
         ledger = self._rf_output_dir / "ledger.jsonl"
+        replay = []
         if ledger.exists():
+            replay = self._outside_ops_after(ledger, manifest["ledger_bytes"])
             with open(ledger, "r+b") as handle:  # what came after the checkpoint is written again
                 handle.truncate(manifest["ledger_bytes"])
         self._open_experiment(resuming=True)
@@ -325,7 +329,40 @@ class CheckpointMixin:
                 op.spec = self._clone_spec(op)
         self._rf_boundaries = manifest["boundary"]
         self._rf_last_checkpoint = path
-        self._rf_ledger.write(None, None, None, "resumed", path=str(path))
+        self._rf_ledger.write(None, None, None, "resumed", path=str(path), replayed_ops=len(replay))
+        for op in replay:
+            with contextlib.suppress(OpError):  # no longer valid here: recorded as refused, with the reason
+                self.submit_op(op)
+
+    def _outside_ops_after(self, ledger: Path, offset: int) -> list[Op]:
+        """Ops accepted after the checkpoint from outside the script (socket, CLI, dashboard): the rerun script and
+        its policies issue their own ops again, these nobody would. They are queued again, so they take effect at the
+        checkpoint's boundary (a stop or delete possibly a few steps earlier than it first did)."""
+        issued_here = {"python"} | {type(policy).__name__ for policy in self._rf_policies}
+        with open(ledger, "rb") as handle:
+            handle.seek(offset)
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+        ops = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line the kill cut
+                continue
+            if record.get("event") != "op" or not record.get("accepted") or record.get("by") in issued_here:
+                continue
+            ops.append(
+                Op(
+                    kind=record["op"],
+                    run=record["target"],
+                    overrides=record.get("overrides", {}),
+                    warm_start=record.get("warm_start", False),
+                    copy_optimizer=record.get("copy_optimizer", False),
+                    name=record.get("name"),
+                    source=record["by"],
+                    reason=record.get("reason"),
+                )
+            )
+        return ops
 
     def _restore_clone(self, record: dict[str, Any]) -> None:
         op = Op("clone", record["parent"], record["overrides"], record["warm_start"], record["copy_optimizer"],

@@ -224,3 +224,37 @@ def test_no_checkpoints_with_save_strategy_no_and_bad_resumes(tokenizer, chat_da
         make_trainer(tokenizer, chat_data, sft_args, tmp_path / "y", checkpoint_every=0)
     with pytest.raises(ValueError, match="needs a freshly built trainer"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_outside_ops_after_the_last_checkpoint_are_replayed(tokenizer, chat_data, sft_args, tmp_path):
+    """A stop sent over the socket (by "cli") after the last checkpoint is not lost when the process dies."""
+    from transformers import TrainerCallback
+
+    from rf_callbacks.ops import Op
+
+    class StopThenCrash(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.trainer._rf_active.name == "a" and state.global_step == 7:  # after b's chunk-1 checkpoint
+                self.trainer.submit_op(Op("stop", "b", source="cli"))
+                self.trainer.submit_op(Op("clone", "a", {"learning_rate": 1e-4}, name="a2", source="dashboard"))
+            if self.trainer._rf_active.name == "a" and state.global_step == 8:
+                raise KeyboardInterrupt  # the process dies before the next checkpoint
+
+    crashed = make_trainer(tokenizer, chat_data, sft_args, tmp_path)
+    crashed.add_callback(StopThenCrash(crashed))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    assert crashed.runs["b"].status == "stopped"  # applied before the crash, after the checkpoint
+    resumed = make_trainer(tokenizer, chat_data, sft_args, tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    rows = {row["name"]: row for row in resumed.results()}
+    assert (rows["b"]["status"], rows["b"]["global_step"]) == ("stopped", 6)  # at the checkpoint's boundary
+    assert rows["a"]["status"] == rows["a2"]["status"] == "completed"
+    records = read_ledger(tmp_path / "ledger.jsonl")
+    (resumed_record,) = [r for r in records if r["event"] == "resumed"]
+    assert resumed_record["replayed_ops"] == 2
+    replayed = [(r["op"], r["by"]) for r in records[records.index(resumed_record) :] if r["event"] == "op"]
+    assert replayed == [("stop", "cli"), ("clone", "dashboard")]
