@@ -94,7 +94,9 @@ class InteractiveMixin:
             if self._rf_training:
                 self._rf_pending.append(op)
                 active = self._rf_active
-                if op.kind in ("stop", "delete", "fail") and active is not None and active.name == op.run:
+                # (with several processes ops wait for the end of the round: see distributed.py)
+                interrupts = op.kind in ("stop", "delete", "fail") and getattr(self, "_rf_dist", None) is None
+                if interrupts and active is not None and active.name == op.run:
                     self._rf_interrupt = True
             else:
                 self._apply_op(op)
@@ -245,6 +247,14 @@ class InteractiveMixin:
 
     def _run_policies(self, run: Run) -> None:
         """Ask each policy what to do now that `run` reached a boundary; apply its ops before the next slice."""
+        if getattr(self, "_rf_dist", None) is not None:  # several processes: rank 0 asks them at the round's end
+            self._rf_dist.boundaries.append(run.name)
+            return
+        self._ask_policies(run)
+        self._apply_pending()
+
+    def _ask_policies(self, run: Run) -> None:
+        """Submit the ops the policies issue now that `run` reached a boundary (applied by the caller)."""
         for policy in list(self._rf_policies):
             name = type(policy).__name__
             try:
@@ -261,7 +271,6 @@ class InteractiveMixin:
                 op.source = op.source if op.source != "python" else name
                 with contextlib.suppress(OpError):  # refused ops are in the ledger with the reason
                     self.submit_op(op)
-            self._apply_pending()
 
     # ------------------------------------------------------------------------------------------- applying
     def _apply_pending(self) -> None:

@@ -35,6 +35,7 @@ from .chunks import DataPlan, epoch_order
 from .configs import RunSpec
 from .control.server import ControlServer
 from .coordinator import Coordinator
+from .distributed import Distributed, DistributedMixin, resolve_parallel
 from .fused import FusedMixin
 from .interactive import InteractiveMixin
 from .parking import (
@@ -82,7 +83,7 @@ RUN_ATTRIBUTES = (
 )
 
 
-class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMixin):
+class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
     Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
@@ -105,8 +106,11 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
         checkpoint_every: int | None = None,
         fused: bool = False,
         max_fused: int | str = "auto",
+        parallel: str = "auto",
     ) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists."""
+        mode = resolve_parallel(parallel, self.args.world_size, len(specs))  # several processes: see distributed.py
+        self._rf_dist = Distributed(self, mode) if mode is not None else None
         if dashboard and not control_socket:
             raise ValueError("dashboard=True needs control_socket=True (the page talks to the training through it)")
         self._rf_policies = self._check_policies(policies)
@@ -149,12 +153,14 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
         self.add_callback(LogEventsCallback(self._on_log))
         self._rf_report_to = self._claim_reporting(len(runs))
         self._init_control()
+        if self._rf_dist is not None:
+            self._rf_dist.check()
 
     def _data_plan(self, spec: RunSpec, key: tuple, start_slice: int = 0) -> DataPlan:
         args = spec.args
         return DataPlan.build(
             num_rows=len(self._rf_datasets[key][0]),
-            batch_size=args.per_device_train_batch_size * max(1, args.n_gpu),
+            batch_size=args.per_device_train_batch_size * max(1, args.n_gpu) * self._rf_shards(),
             grad_accum=args.gradient_accumulation_steps,
             num_chunks=self._rf_num_chunks,
             max_steps=args.max_steps,
@@ -162,6 +168,9 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
             drop_last=args.dataloader_drop_last,
             start_slice=start_slice,
         )
+
+    def _rf_shards(self) -> int:
+        return self._rf_dist.shards if self._rf_dist is not None else 1  # data-parallel: processes per global batch
 
     def _data_key(self, args) -> tuple:
         """Settings that change a run's prepared data; runs with equal keys share one tokenized data set."""
@@ -295,7 +304,7 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
             self._resume(path)
         else:
             self._open_experiment()
-        if self.model_wrapped is self.model:
+        if self.model_wrapped is self.model and self._rf_dist is None:  # several processes: no DDP, see distributed.py
             model = self._wrap_model(self.model_wrapped)
             if model is self.model:
                 model = self.accelerator.prepare_model(model)
@@ -314,6 +323,9 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
                 print(f"rf-callbacks dashboard: {dashboard.start()}", flush=True)
         try:
             while True:
+                if self._rf_dist is not None:  # several processes: rounds coordinated by rank 0
+                    self._rf_dist.train(trial, ignore_keys_for_eval)
+                    break
                 self._apply_pending()
                 with self._rf_ops_lock:
                     self._maybe_checkpoint()
@@ -523,7 +535,10 @@ class MultiConfigMixin(CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMi
         """Collated micro-batches, built lazily so `get_batch_samples` draws them like it draws from a dataloader."""
         dataset = self._rf_columns[run.data_key]
         for index in batch_indices:
-            rows = dataset[run.plan.batch_rows(order, index)]
+            indices = run.plan.batch_rows(order, index)
+            if self._rf_dist is not None and self._rf_dist.mode == "data":  # this process's part of the global batch
+                indices = self._rf_dist.batch_part(indices, run.args.per_device_train_batch_size)
+            rows = dataset[indices]
             yield self.data_collator([dict(zip(rows, values)) for values in zip(*rows.values())])
 
     def _epoch_order(self, run: Run, epoch: int) -> tuple[int, ...]:

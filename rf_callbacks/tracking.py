@@ -77,6 +77,10 @@ class TrackingMixin:
         return self._rf_ledger
 
     def _open_experiment(self, resuming: bool = False) -> None:
+        coordination = getattr(self, "_rf_dist", None)
+        if coordination is not None and not coordination.main:  # rank 0 keeps the records (see distributed.py)
+            self._rf_started = True
+            return
         self._rf_output_dir.mkdir(parents=True, exist_ok=True)
         if self._rf_ledger is None:
             path = self._rf_output_dir / "ledger.jsonl"
@@ -128,5 +132,6 @@ class TrackingMixin:
                 reporter.start(run)
             elif run.status in ("completed", "failed", "stopped", "deleted"):
                 reporter.finish(run)
-        if self.args.should_save:
+        coordination = getattr(self, "_rf_dist", None)
+        if self.args.should_save if coordination is None else coordination.main:
             write_run_json(run, run.args.output_dir)

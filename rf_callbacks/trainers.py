@@ -190,6 +190,12 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             `results()` and `run.json`. With `False`, an out-of-memory error fails the run like any other error.
             With `fused=True` it applies to runs trained alone; a fused group that runs out of memory is retried run
             by run by the fused round itself, and a run whose own micro-batch still does not fit fails.
+        parallel (`str`, *optional*, defaults to `"auto"`):
+            Under `accelerate launch --num_processes N` (ignored in one process). `"configs"`: each run trains on one
+            process at a time, runs spread over the processes and may move between them at boundaries; a run ends
+            bit-for-bit as in one process. `"data"`: all processes train the same run at once (its global batch is
+            `per_device_train_batch_size` x N), rotating runs together. `"auto"`: `"configs"` when there are at
+            least N runs, else `"data"`. See the README's "Several GPUs".
 
     Usage:
     ```python
@@ -248,6 +254,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         fused: bool = False,
         max_fused: int | str = "auto",
         oom_retry: bool = False,
+        parallel: str = "auto",
     ):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
@@ -288,6 +295,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             checkpoint_every,
             fused,
             max_fused,
+            parallel,
         )
         init_oom_retry(self, oom_retry)
 

@@ -1,0 +1,433 @@
+"""Several processes (`accelerate launch --num_processes N script.py`): runs spread over processes, or one run
+trained data-parallel by all of them.
+
+`parallel="configs"` (the default when there are at least as many runs as processes). Every process holds the base
+model and every run's adapter (adapters are built from each run's seed, so they start equal everywhere). Training goes
+in rounds, one per frontier slice of the coordinator: every process learns what the others did in the last round
+(each run's status, place in the data, `TrainerState` and its ledger records), rank 0 asks the policies and sends out
+the ops to apply (user ops from its socket, dashboard and Python API included), every process applies them in the
+same order, and all processes compute the same assignment of the frontier's (run, slice) work: a run stays on the
+process that trained it last while that keeps the counts even, the rest go round-robin to the least loaded process.
+A run that moves is written by the process that holds it with the checkpoint module's per-run writer (adapter,
+weights at its last boundary, optimizer, scheduler, RNG, loss accumulators, trainer counters, `TrainerState`) and
+sent with `torch.distributed` point-to-point (a gloo group, whatever backend trains), then read back with the
+checkpoint module's reader: the same path a resumed experiment takes, so a run ends bit-for-bit where it would end in
+one process. While a process trains its runs it sees accelerate as one process (`local_view`): no DDP wrapper, no
+cross-process gathers in logging, TRL's metrics or evaluation, no sharded dataloaders, and each run's files (adapter,
+`Trainer` checkpoints in its folder) are written by the process that holds it. The ledger, reporters, `run.json`,
+`experiment.json`, the control socket and the dashboard are rank 0's: other ranks keep their ledger records and send
+them at the end of the round.
+
+`parallel="data"` (the default with fewer runs than processes). All processes train the same run at the same time,
+rotating runs together: each optimizer step's global batch (`per_device_train_batch_size` x processes) is split in
+contiguous per-process parts, and the active run's gradients are averaged across processes before clipping (no DDP
+wrapper: DDP would fix the trainable parameters when it wraps the model, and each run trains its own adapter). Ops
+and policies are decided on rank 0 and applied by every process at the next boundary.
+
+Limits: ops take effect at the next boundary round (a `stop` of the run that is training lets it end its slice);
+experiment checkpoints (`checkpoint_every`) are off with several processes; `fused=True` refuses several processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+
+from .ops import Op
+from .reporting import write_run_json
+
+if TYPE_CHECKING:
+    from .run import Run
+
+logger = logging.getLogger(__name__)
+
+PARALLEL_MODES = ("auto", "configs", "data")
+_LOCAL_KEYS = {
+    "distributed_type": DistributedType.NO,
+    "num_processes": 1,
+    "process_index": 0,
+    "local_process_index": 0,
+}
+
+
+def resolve_parallel(parallel: Any, world_size: int, num_runs: int) -> str | None:
+    """The mode for `world_size` processes and `num_runs` runs; `None` in one process."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={parallel!r} is invalid; use 'auto', 'configs' or 'data'")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1 and launched > 1:
+        raise ValueError(
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate joined none of them, so each "
+            "would train every run alone; on a machine without GPUs set use_cpu=True in the training arguments"
+        )
+    if world_size <= 1:
+        return None
+    if parallel == "auto":
+        return "configs" if num_runs >= world_size else "data"
+    return parallel
+
+
+@contextlib.contextmanager
+def local_view():
+    """Make accelerate (and through it transformers and TRL) see one process, for training runs a process holds
+    alone. `torch.distributed` itself stays initialised for this module's own calls."""
+    saved = []
+    for shared in (PartialState._shared_state, AcceleratorState._shared_state):
+        saved.append((shared, {key: shared[key] for key in _LOCAL_KEYS if key in shared}))
+        shared.update({key: value for key, value in _LOCAL_KEYS.items() if key in shared})
+    try:
+        yield
+    finally:
+        for shared, values in saved:
+            shared.update(values)
+
+
+class BufferLedger:
+    """The ledger of a rank other than 0: it keeps the records written while this rank trains its runs (they go to
+    rank 0 at the end of the round) and drops the rest (rank 0 writes those itself)."""
+
+    path = None
+
+    def __init__(self) -> None:
+        self.records: list[tuple] = []
+        self.recording = False
+
+    def write(self, run, step, chunk, event, **values) -> None:
+        if self.recording:  # with the time it happened (rank 0 writes it later)
+            self.records.append((run, step, chunk, event, {"time": round(time.time(), 6), **values}))
+
+    def sync(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DistributedMixin:
+    """The trainer side: in data-parallel mode the active run's gradients are averaged after the last micro-batch of
+    each optimizer step (`training_step` runs with the accelerator's sync flag set for it)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        coordination = self._rf_dist
+        data = coordination is not None and coordination.mode == "data"
+        if data and self.accelerator.sync_gradients and self._rf_active is not None:
+            coordination.reduce_gradients(self._rf_active.trainable)
+        return loss
+
+
+class Distributed:
+    """Rank coordination for a `MultiConfigMixin` trainer launched on several processes."""
+
+    def __init__(self, trainer: Any, mode: str):
+        self.trainer, self.mode = trainer, mode
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
+        # Objects (run records, ops, run state) travel on the CPU, whatever backend trains (nccl needs CUDA tensors).
+        self.group = dist.new_group(backend="gloo")
+        self.owner: dict[str, int | None] = {}  # the rank holding a run's current state; None: every rank (untrained)
+        self.trained: list[str] = []  # runs this rank trained in the last round
+        self.boundaries: list[str] = []  # runs that reached a boundary (or failed) since the last sync
+        self.rounds = 0
+        self.migrations = 0
+
+    @property
+    def shards(self) -> int:
+        """How many processes share one optimizer step's batch."""
+        return self.world if self.mode == "data" else 1
+
+    # ------------------------------------------------------------------------------------------ setup
+    def check(self) -> None:
+        """Called once the runs exist: settings that several processes cannot honour."""
+        trainer = self.trainer
+        if trainer._rf_checkpoint_every is not None:
+            trainer._rf_checkpoint_every = None
+            if self.main:
+                warnings.warn(
+                    "experiment checkpoints (checkpoint_every) are not written with several processes yet; a killed "
+                    "multi-process experiment restarts from the beginning",
+                    stacklevel=4,
+                )
+        if not self.main:
+            trainer._rf_ledger = BufferLedger()
+            trainer._rf_progress.open = lambda disable=False, _open=trainer._rf_progress.open: _open(disable=True)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self, trial, ignore_keys) -> None:
+        """The whole training loop of this rank (every rank calls the same collectives in the same order)."""
+        accelerator = self.trainer.accelerator
+        if not accelerator._models:  # registered as one process would (no DDP wrapper), so evaluation logs the same
+            with local_view():
+                accelerator.prepare_model(self.trainer.model)
+        if self.mode == "data":
+            self._train_data(trial, ignore_keys)
+        else:
+            self._train_configs(trial, ignore_keys)
+
+    def _train_configs(self, trial, ignore_keys) -> None:
+        trainer = self.trainer
+        while True:
+            self._sync()
+            active = trainer.coordinator.active()
+            if not active:
+                break
+            frontier = min(run.next_slice for run in active)
+            todo = [run for run in active if run.next_slice == frontier]
+            plan = self.assign(todo)
+            self._migrate(todo, plan)
+            mine = [run for run in todo if plan[run.name] == self.rank]
+            ledger = trainer._rf_ledger
+            with local_view():
+                if isinstance(ledger, BufferLedger):
+                    ledger.recording = True
+                try:
+                    for run in mine:
+                        trainer._train_slice(run, trial, ignore_keys)
+                    if trainer._rf_active is not None:
+                        trainer._park(trainer._rf_active)
+                finally:
+                    if isinstance(ledger, BufferLedger):
+                        ledger.recording = False
+            self.trained = [run.name for run in mine]
+            for run in mine:
+                self.owner[run.name] = self.rank
+            self.rounds += 1
+        self._sync()  # nothing trains; the last ops are applied on every rank
+
+    def _train_data(self, trial, ignore_keys) -> None:
+        trainer = self.trainer
+        while True:
+            self.apply_ops()
+            run = trainer.coordinator.next_run()
+            if run is None:
+                break
+            trainer._train_slice(run, trial, ignore_keys)
+            self._boundary_policies(self.boundaries)
+            self.boundaries = []
+
+    def assign(self, runs: list[Run]) -> dict[str, int]:
+        """Which rank trains each of `runs` (the frontier's slices) this round; the same answer on every rank."""
+        capacity = math.ceil(len(runs) / self.world)
+        load = [0] * self.world
+        plan: dict[str, int] = {}
+        for run in runs:  # a run stays where its state is while that keeps the load even
+            owner = self.owner.get(run.name)
+            if owner is not None and load[owner] < capacity:
+                plan[run.name] = owner
+                load[owner] += 1
+        for run in runs:
+            if run.name not in plan:
+                rank = min(range(self.world), key=lambda r: (load[r], r))
+                plan[run.name] = rank
+                load[rank] += 1
+        return plan
+
+    # ------------------------------------------------------------------------------------------ syncing
+    def _sync(self) -> None:
+        """End of a round: merge what every rank did, replay other ranks' records on rank 0, apply policies and ops."""
+        trainer = self.trainer
+        ledger = trainer._rf_ledger
+        local = {
+            "runs": [self._record(trainer.coordinator[name]) for name in self.trained],
+            "ledger": ledger.records if isinstance(ledger, BufferLedger) else [],
+            "boundaries": self.boundaries,
+        }
+        if isinstance(ledger, BufferLedger):
+            ledger.records = []
+        self.trained, self.boundaries = [], []
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, local, group=self.group)
+        for rank, payload in enumerate(gathered):
+            for record in payload["runs"]:
+                self.owner[record["name"]] = rank
+                if rank != self.rank:
+                    self._merge(trainer.coordinator[record["name"]], record)
+        if self.main:
+            for rank, payload in enumerate(gathered):
+                if rank != 0:
+                    self._replay(rank, payload["ledger"])
+        order = {name: i for i, name in enumerate(trainer.coordinator.runs)}
+        reached = sorted({name for payload in gathered for name in payload["boundaries"]}, key=order.__getitem__)
+        self._boundary_policies(reached)
+        self.apply_ops()
+
+    def _boundary_policies(self, names: list[str]) -> None:
+        """Rank 0 asks the policies about each run that reached a boundary; every rank applies the ops after each."""
+        trainer = self.trainer
+        for name in names:
+            if self.main:
+                trainer._ask_policies(trainer.coordinator[name])
+            self.apply_ops()
+
+    def apply_ops(self) -> None:
+        """Rank 0's accepted ops, applied by every rank in the same order (a collective: every rank calls it)."""
+        trainer = self.trainer
+        with trainer._rf_ops_lock:  # held across the broadcast: an op submitted meanwhile waits for the next call
+            pending: list[Op] = []
+            payload: list[Any] = [None]
+            if self.main:
+                pending, trainer._rf_pending = trainer._rf_pending, []
+                trainer._rf_interrupt = False
+                times = {run.name: run.wall_time for run in trainer.coordinator} if self.mode == "data" else {}
+                payload = [([trainer._op_record(op) for op in pending], times)]
+            dist.broadcast_object_list(payload, src=0, group=self.group)
+            records, times = payload[0]
+            if not self.main:
+                pending = [Op(**record) for record in records]
+                for op in pending:
+                    if op.kind == "clone":
+                        op.spec = trainer._clone_spec(op)
+                for name, wall_time in times.items():
+                    trainer.coordinator[name].wall_time = wall_time
+            for op in pending:
+                trainer._apply_op(op)
+                if op.kind == "clone" and op.name in trainer.coordinator.runs:
+                    # A warm start (or copied optimizer) comes from the parent's state, which one rank holds.
+                    carried = op.warm_start or op.copy_optimizer
+                    self.owner[op.name] = self.owner.get(op.run) if carried else None
+
+    # -------------------------------------------------------------------------------------- run records
+    def _record(self, run: Run) -> dict[str, Any]:
+        grad_norm, learning_rate = run.last_step
+        return {
+            "name": run.name,
+            "status": run.status,
+            "next_slice": run.next_slice,
+            "slices_done": run.slices_done,
+            "wall_time": run.wall_time,
+            "error": run.error,
+            "reason": run.reason,
+            "last_step": (grad_norm, learning_rate),
+            "train_metrics": run.train_metrics,
+            "oom_retry": run.oom_retry,
+            "state": run.state,
+        }
+
+    def _merge(self, run: Run, record: dict[str, Any]) -> None:
+        """Take another rank's account of `run`, which it trained last round (this rank's copy is stale)."""
+        for key in ("status", "next_slice", "slices_done", "wall_time", "error", "reason", "train_metrics"):
+            setattr(run, key, record[key])
+        run.last_step, run.oom_retry = tuple(record["last_step"]), record["oom_retry"]
+        self._drop_local(run)
+        if record["state"] is not None:
+            run.attributes["state"] = record["state"]
+
+    def _drop_local(self, run: Run) -> None:
+        """Forget this rank's (stale) copy of a run's trainer state; its `TrainerState` stays for `results()`."""
+        trainer = self.trainer
+        if trainer._rf_active is run:
+            trainer._park(run)
+        optimizer = run.attributes.get("optimizer")
+        if optimizer is not None and optimizer in trainer.accelerator._optimizers:
+            trainer.accelerator._optimizers.remove(optimizer)
+        state = run.attributes.get("state")
+        run.attributes = {"state": state} if state is not None else {}
+        run.trainable, run.trainable_names, run.pinned, run.rng, run.offloaded = [], [], {}, None, False
+
+    def _replay(self, rank: int, records: list[tuple]) -> None:
+        """Rank 0 writes another rank's ledger records, and sends its logs and status changes to the reporters."""
+        trainer = self.trainer
+        for name, step, chunk, event, values in records:
+            trainer._rf_ledger.write(name, step, chunk, event, rank=rank, **values)
+            run = trainer.coordinator.runs.get(name)
+            if run is None:
+                continue
+            if event == "log":
+                logs = {k: v for k, v in values.items() if k != "epoch_index"}
+                for reporter in trainer._rf_reporters:
+                    reporter.log(run, step, chunk, logs)
+            elif event == "status":
+                for reporter in trainer._rf_reporters:
+                    if values.get("status") == "running":
+                        reporter.start(run)
+                    elif values.get("status") in ("completed", "failed", "stopped", "deleted"):
+                        reporter.finish(run)
+                write_run_json(run, run.args.output_dir)
+
+    # -------------------------------------------------------------------------------------- migration
+    def _migrate(self, runs: list[Run], plan: dict[str, int]) -> None:
+        """Move each run whose state is on another rank than the one that trains it next (point-to-point, in the
+        runs' order, so every rank posts its sends and receives in the same sequence)."""
+        trainer = self.trainer
+        for run in runs:
+            source, target = self.owner.get(run.name), plan[run.name]
+            if source is None or source == target:
+                continue
+            self.migrations += 1
+            if self.rank == source:
+                folder = Path(tempfile.mkdtemp(prefix="rf-migrate-"))
+                try:
+                    trainer._write_run(run, folder)
+                    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+                finally:
+                    shutil.rmtree(folder, ignore_errors=True)
+                activated = "optimizer" in run.attributes
+                dist.send_object_list([(files, activated)], dst=target, group=self.group)
+                self._drop_local(run)
+            elif self.rank == target:
+                received: list[Any] = [None]
+                dist.recv_object_list(received, src=source, group=self.group)
+                files, activated = received[0]
+                self._restore(run, files, activated)
+            self.owner[run.name] = target
+
+    def _restore(self, run: Run, files: dict[str, bytes], activated: bool) -> None:
+        trainer = self.trainer
+        self._drop_local(run)
+        run.attributes = {}  # rebuilt by the checkpoint reader, from the sender's files
+        folder = Path(tempfile.mkdtemp(prefix="rf-migrate-"))
+        try:
+            for name, data in files.items():
+                (folder / name).write_bytes(data)
+            record = {
+                "status": run.status,
+                "activated": activated,
+                "next_slice": run.next_slice,
+                "slices_done": run.slices_done,
+                "wall_time": run.wall_time,
+                "error": run.error,
+                "reason": run.reason,
+                "last_step": run.last_step,
+                "train_metrics": run.train_metrics,
+                "oom_retry": run.oom_retry,
+            }
+            with local_view():
+                trainer._restore_run(run, record, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        run.checkpoint_files, run.dirty = None, True
+
+    # -------------------------------------------------------------------------------------- data parallel
+    def batch_part(self, rows: list[int], per_device: int) -> list[int]:
+        """This rank's contiguous part of one micro-batch's global rows (a short last batch wraps around, as
+        accelerate's `even_batches` does)."""
+        part = rows[self.rank * per_device : (self.rank + 1) * per_device]
+        while len(part) < per_device and rows:
+            part = part + rows[: per_device - len(part)]
+        return part
+
+    def reduce_gradients(self, params: list[torch.Tensor]) -> None:
+        """Average the active run's gradients over the processes (what DDP does), in one flat all-reduce."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()

@@ -1,0 +1,123 @@
+"""Several processes: `accelerate launch --multi_gpu --num_processes 2` on the CPU (the worker's arguments say
+`use_cpu=True`, so accelerate joins the processes with gloo; accelerate 1.15's `--cpu --num_processes 2` starts one
+process) against the same experiments in one process.
+
+One launch runs the three experiments of `multiprocess_worker.py` (one import of TRL per process):
+- `configs`: four runs spread over two processes, two of them ending after the first chunk so that a run moves from
+  rank 1 to rank 0; every adapter and every logged value equals the one-process run's bit-for-bit.
+- `ops`: while rank 0 trains run a, mid-chunk, a stop of run b (training on rank 1) and a warm-started clone of a are
+  submitted; both ranks apply them at the round's end (no hang), the clone and the other runs equal one-process
+  training, rank 0's ledger holds every run's records once and `results()` is the same on both ranks.
+- `data`: two runs trained data-parallel (2 processes x 2 rows) equal one-process training with 4 rows per step
+  within floating-point tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rf_callbacks.reporting import read_ledger
+
+HERE = Path(__file__).parent
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+TIMING = ("runtime", "per_second", "wall_time")
+
+
+def _steady(value):
+    """Drop what depends on the clock."""
+    if isinstance(value, dict):
+        return {k: _steady(v) for k, v in value.items() if not any(t in k for t in TIMING)}
+    if isinstance(value, list):
+        return [_steady(v) for v in value]
+    return value
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    if shutil.which(str(ACCELERATE)) is None:
+        pytest.skip("accelerate's launcher is not installed next to this python")
+    out = tmp_path_factory.mktemp("multiprocess")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    command += [str(HERE / "multiprocess_worker.py"), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    return out
+
+
+def _reference(scenario, tmp_path):
+    from multiprocess_worker import build, summary
+
+    trainer = build(scenario, tmp_path / scenario)
+    trainer.train()
+    result = summary(trainer)
+    trainer.close()
+    return result
+
+
+def _ranks(out, scenario):
+    return [json.loads((out / scenario / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _adapter(folder, name):
+    return load_file(Path(folder) / "runs" / name / "adapter_model.safetensors")
+
+
+def test_config_parallel_runs_equal_one_process_bit_for_bit(launched, tmp_path):
+    rank0, rank1 = _ranks(launched, "configs")
+    assert rank0["mode"] == "configs" and rank0["migrations"] >= 1
+    assert _steady(rank0["results"]) == _steady(rank1["results"])  # the same answer on every rank
+    reference = _reference("configs", tmp_path)
+    assert _steady(rank0["logs"]) == _steady(json.loads(json.dumps(reference["logs"], default=str)))
+    for row in rank0["results"]:
+        assert row["status"] == "completed"
+        one, two = _adapter(tmp_path / "configs", row["name"]), _adapter(launched / "configs", row["name"])
+        assert all(torch.equal(one[key], two[key]) for key in one), row["name"]
+    ledger = read_ledger(launched / "configs" / "ledger.jsonl")
+    logged = {(r["run"], r["step"]) for r in ledger if r["event"] == "log" and "loss" in r}
+    expected = {(name, e["step"]) for name, logs in rank0["logs"].items() for e in logs if "loss" in e}
+    assert logged == expected
+    assert {r.get("rank") for r in ledger if r["event"] == "log"} == {None, 1}  # rank 1's records, written by rank 0
+
+
+def test_ic_op_mid_chunk_is_applied_by_every_rank(launched, tmp_path):
+    rank0, rank1 = _ranks(launched, "ops")
+    assert _steady(rank0["results"]) == _steady(rank1["results"])
+    status = {row["name"]: row for row in rank0["results"]}
+    assert status["b"]["status"] == "stopped" and status["a2"]["status"] == "completed"
+    assert status["a2"]["parent"] == "a"
+    assert status["b"]["global_step"] == 4  # on rank 1 it ended its chunk, then stopped at the round's end
+    ledger = read_ledger(launched / "ops" / "ledger.jsonl")
+    applied = [(r["run"], r["op"]) for r in ledger if r["event"] == "op_applied"]
+    assert sorted(applied) == [("a", "clone"), ("b", "stop")]
+    _reference("ops", tmp_path)
+    for name in ("a", "a2", "c", "d"):  # b trained its chunk on rank 1 before the stop reached it: it differs
+        one, two = _adapter(tmp_path / "ops", name), _adapter(launched / "ops", name)
+        assert all(torch.equal(one[key], two[key]) for key in one), name
+    assert not list((launched / "ops").glob("ledger-*.jsonl"))  # one ledger, rank 0's
+
+
+def test_data_parallel_equals_one_process_with_the_same_global_batch(launched, tmp_path):
+    rank0, rank1 = _ranks(launched, "data")
+    assert rank0["mode"] == "data"
+    assert _steady(rank0["results"]) == _steady(rank1["results"])
+    reference = _reference("data", tmp_path)
+    for name in ("a", "b"):
+        one, two = _adapter(tmp_path / "data", name), _adapter(launched / "data", name)
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5)
+        losses = [e["loss"] for e in rank0["logs"][name] if "loss" in e]
+        expected = [e["loss"] for e in reference["logs"][name] if "loss" in e]
+        assert losses == pytest.approx(expected, rel=1e-4)
+        evals = [e["eval_loss"] for e in rank0["logs"][name] if "eval_loss" in e]
+        assert evals == pytest.approx([e["eval_loss"] for e in reference["logs"][name] if "eval_loss" in e], rel=1e-4)
