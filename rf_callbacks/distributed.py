@@ -162,6 +162,9 @@ class Distributed:
                     stacklevel=4,
                 )
         if not self.main:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.callback_handler.remove_callback(PrinterCallback)  # it prints every log; rank 0 prints them
             trainer._rf_ledger = BufferLedger()
             trainer._rf_progress.open = lambda disable=False, _open=trainer._rf_progress.open: _open(disable=True)
 

@@ -121,3 +121,34 @@ def test_data_parallel_equals_one_process_with_the_same_global_batch(launched, t
         assert losses == pytest.approx(expected, rel=1e-4)
         evals = [e["eval_loss"] for e in rank0["logs"][name] if "eval_loss" in e]
         assert evals == pytest.approx([e["eval_loss"] for e in reference["logs"][name] if "eval_loss" in e], rel=1e-4)
+
+
+def test_assignment_keeps_runs_in_place_and_evens_the_load():
+    from types import SimpleNamespace
+
+    from rf_callbacks.distributed import Distributed
+
+    coordination = object.__new__(Distributed)
+    coordination.world = 2
+    runs = [SimpleNamespace(name=name) for name in "abcd"]
+    coordination.owner = {}
+    assert coordination.assign(runs) == {"a": 0, "b": 1, "c": 0, "d": 1}  # nothing trained yet: round-robin
+    coordination.owner = {"a": 0, "b": 1, "c": 0, "d": 1}
+    assert coordination.assign(runs) == {"a": 0, "b": 1, "c": 0, "d": 1}  # nobody moves
+    assert coordination.assign([runs[1], runs[3]]) == {"b": 1, "d": 0}  # a and c are done: d moves to rank 0
+    coordination.owner["e"] = None
+    assert coordination.assign([runs[0], runs[2], SimpleNamespace(name="e")]) == {"a": 0, "c": 0, "e": 1}
+
+
+def test_parallel_modes_and_unjoined_processes(monkeypatch):
+    from rf_callbacks.distributed import resolve_parallel
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_parallel("auto", 1, 4) is None
+    assert resolve_parallel("auto", 2, 4) == "configs" and resolve_parallel("auto", 4, 2) == "data"
+    assert resolve_parallel("data", 2, 8) == "data"
+    with pytest.raises(ValueError, match="parallel='both'"):
+        resolve_parallel("both", 2, 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="use_cpu=True"):
+        resolve_parallel("auto", 1, 4)
