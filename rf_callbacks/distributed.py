@@ -46,6 +46,7 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
+from .checkpoint import _load_policy_state, _policy_state
 from .ops import Op
 from .reporting import write_run_json
 
@@ -143,6 +144,7 @@ class Distributed:
         self.boundaries: list[str] = []  # runs that reached a boundary (or failed) since the last sync
         self.rounds = 0
         self.migrations = 0
+        self.policies: list = []  # as given (set by `check`): rank 0 names them by position
 
     @property
     def shards(self) -> int:
@@ -153,6 +155,7 @@ class Distributed:
     def check(self) -> None:
         """Called once the runs exist: settings that several processes cannot honour."""
         trainer = self.trainer
+        self.policies = list(trainer._rf_policies)
         if trainer._rf_checkpoint_every is not None:
             trainer._rf_checkpoint_every = None
             if self.main:
@@ -285,10 +288,15 @@ class Distributed:
                 pending, trainer._rf_pending = trainer._rf_pending, []
                 trainer._rf_interrupt = False
                 times = {run.name: run.wall_time for run in trainer.coordinator} if self.mode == "data" else {}
-                payload = [([trainer._op_record(op) for op in pending], times)]
+                # The policies' memory (e.g. successive halving's rung), for `_wants_eval` on every rank
+                policies = [(self.policies.index(p), _policy_state(p)) for p in trainer._rf_policies]
+                payload = [([trainer._op_record(op) for op in pending], times, policies)]
             dist.broadcast_object_list(payload, src=0, group=self.group)
-            records, times = payload[0]
+            records, times, policies = payload[0]
             if not self.main:
+                trainer._rf_policies = [self.policies[index] for index, _ in policies]
+                for policy, (_, state) in zip(trainer._rf_policies, policies):
+                    _load_policy_state(policy, state)
                 pending = [Op(**record) for record in records]
                 for op in pending:
                     if op.kind == "clone":

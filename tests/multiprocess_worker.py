@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SCENARIOS = ("configs", "ops", "data")
+SCENARIOS = ("configs", "ops", "data", "policy")
 
 
 def _configs(scenario: str) -> list[dict]:
@@ -27,6 +27,12 @@ def _configs(scenario: str) -> list[dict]:
         return [
             {"name": "a", "peft_config": lora(dropout=0.0)},
             {"name": "b", "peft_config": lora(8, dropout=0.0), "learning_rate": 3e-3},
+        ]
+    if scenario == "policy":  # successive halving on rank 0: 4 runs, 2 after chunk 0, 1 after chunk 1
+        rates = (1e-3, 2e-3, 3e-3, 4e-3)
+        return [
+            {"name": f"p{i}", "peft_config": lora(4 + 4 * (i % 2)), "learning_rate": rate}
+            for i, rate in enumerate(rates)
         ]
     # a and c end after the first chunk, so b and d (both on rank 1) are rebalanced: one of them moves to rank 0
     return [
@@ -64,11 +70,12 @@ def build(scenario: str, out: str | os.PathLike, parallel: str = "auto", per_dev
 
     from rf_callbacks import RFSFTTrainer
     from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets
+    from rf_callbacks.policies import SuccessiveHalving
 
     tokenizer = build_tokenizer()
     model = build_tiny_model(tokenizer, seed=0)
     train, val = demo_datasets()
-    overrides = {"max_steps": 8, "per_device_train_batch_size": per_device or 4}
+    overrides = {"max_steps": 12 if scenario == "policy" else 8, "per_device_train_batch_size": per_device or 4}
     args = cpu_sft_config(out, eval_strategy="no", **overrides)
     hook = _OpMidChunk() if scenario == "ops" else None
     trainer = RFSFTTrainer(
@@ -81,6 +88,7 @@ def build(scenario: str, out: str | os.PathLike, parallel: str = "auto", per_dev
         num_chunks=3,
         parallel=parallel,
         callbacks=[hook.callback] if hook else None,
+        policies=[SuccessiveHalving()] if scenario == "policy" else None,
     )
     if hook:
         hook.callback.trainer = trainer

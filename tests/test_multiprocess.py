@@ -8,6 +8,8 @@ One launch runs the three experiments of `multiprocess_worker.py` (one import of
 - `ops`: while rank 0 trains run a, mid-chunk, a stop of run b (training on rank 1) and a warm-started clone of a are
   submitted; both ranks apply them at the round's end (no hang), the clone and the other runs equal one-process
   training, rank 0's ledger holds every run's records once and `results()` is the same on both ranks.
+- `policy`: successive halving (asked on rank 0 at the end of each round) stops the same runs at the same boundaries
+  as in one process, and every run ends bit-for-bit equal.
 - `data`: two runs trained data-parallel (2 processes x 2 rows) equal one-process training with 4 rows per step
   within floating-point tolerance.
 """
@@ -105,6 +107,22 @@ def test_ic_op_mid_chunk_is_applied_by_every_rank(launched, tmp_path):
         one, two = _adapter(tmp_path / "ops", name), _adapter(launched / "ops", name)
         assert all(torch.equal(one[key], two[key]) for key in one), name
     assert not list((launched / "ops").glob("ledger-*.jsonl"))  # one ledger, rank 0's
+
+
+def test_policy_decisions_on_rank_0_match_one_process(launched, tmp_path):
+    rank0, rank1 = _ranks(launched, "policy")
+    assert _steady(rank0["results"]) == _steady(rank1["results"])
+    reference = _reference("policy", tmp_path)
+    statuses = [(row["name"], row["status"], row["global_step"]) for row in rank0["results"]]
+    assert statuses == [(row["name"], row["status"], row["global_step"]) for row in reference["results"]]
+    assert sorted(status for _, status, _ in statuses) == ["completed", "stopped", "stopped", "stopped"]
+    assert _steady(rank0["logs"]) == _steady(json.loads(json.dumps(reference["logs"], default=str)))
+    for name, status, _ in statuses:
+        saved = (launched / "policy" / "runs" / name / "adapter_model.safetensors").exists()
+        assert saved == (status == "completed")  # stopped runs save no adapter
+        if saved:
+            one, two = _adapter(tmp_path / "policy", name), _adapter(launched / "policy", name)
+            assert all(torch.equal(one[key], two[key]) for key in one), name
 
 
 def test_data_parallel_equals_one_process_with_the_same_global_batch(launched, tmp_path):
