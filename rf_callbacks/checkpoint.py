@@ -304,7 +304,8 @@ class CheckpointMixin:
             raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {self._rf_num_chunks}")
         ledger = self._rf_output_dir / "ledger.jsonl"
         replay = []
-        if ledger.exists():
+        main = getattr(self, "_rf_dist", None) is None or self._rf_dist.main  # several processes: rank 0's records
+        if ledger.exists() and main:
             replay = self._outside_ops_after(ledger, manifest["ledger_bytes"])
             with open(ledger, "r+b") as handle:  # what came after the checkpoint is written again
                 handle.truncate(manifest["ledger_bytes"])
@@ -323,7 +324,7 @@ class CheckpointMixin:
             self._restore_run(self.coordinator[record["name"]], record, path / "runs" / record["name"])
         for policy, state in zip(self._rf_policies, manifest["policies"]):
             _load_policy_state(policy, state)
-        self._rf_pending = [Op(**op) for op in manifest["pending_ops"]]
+        self._rf_pending = [Op(**op) for op in manifest["pending_ops"]] if main else []  # rank 0 sends them
         for op in self._rf_pending:
             if op.kind == "clone":
                 op.spec = self._clone_spec(op)

@@ -37,7 +37,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +128,15 @@ class DistributedMixin:
             coordination.reduce_gradients(self._rf_active.trainable)
         return loss
 
+    def _write_run(self, run, folder: Path) -> None:
+        """A checkpoint written by rank 0 holds the files another rank sent for the runs it trains."""
+        files = self._rf_dist.remote.get(run.name) if self._rf_dist is not None else None
+        if files is None:
+            return super()._write_run(run, folder)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return None
+
 
 class Distributed:
     """Rank coordination for a `MultiConfigMixin` trainer launched on several processes."""
@@ -144,6 +152,8 @@ class Distributed:
         self.boundaries: list[str] = []  # runs that reached a boundary (or failed) since the last sync
         self.rounds = 0
         self.migrations = 0
+        self.remote: dict[str, dict[str, bytes]] = {}  # rank 0, while it writes a checkpoint: other ranks' run files
+        self.boundaries_seen = 0  # the trainer's boundary count after the last sync
         self.policies: list = []  # as given (set by `check`): rank 0 names them by position
 
     @property
@@ -156,14 +166,6 @@ class Distributed:
         """Called once the runs exist: settings that several processes cannot honour."""
         trainer = self.trainer
         self.policies = list(trainer._rf_policies)
-        if trainer._rf_checkpoint_every is not None:
-            trainer._rf_checkpoint_every = None
-            if self.main:
-                warnings.warn(
-                    "experiment checkpoints (checkpoint_every) are not written with several processes yet; a killed "
-                    "multi-process experiment restarts from the beginning",
-                    stacklevel=4,
-                )
         if not self.main:
             from transformers.trainer_callback import PrinterCallback
 
@@ -187,6 +189,7 @@ class Distributed:
         trainer = self.trainer
         while True:
             self._sync()
+            self._checkpoint()
             active = trainer.coordinator.active()
             if not active:
                 break
@@ -212,11 +215,15 @@ class Distributed:
                 self.owner[run.name] = self.rank
             self.rounds += 1
         self._sync()  # nothing trains; the last ops are applied on every rank
+        self._checkpoint(final=True)
 
     def _train_data(self, trial, ignore_keys) -> None:
         trainer = self.trainer
         while True:
             self.apply_ops()
+            if self.main:  # every rank holds the same state: rank 0 writes it alone
+                with trainer._rf_ops_lock:
+                    trainer._maybe_checkpoint()
             run = trainer.coordinator.next_run()
             if run is None:
                 break
@@ -250,12 +257,17 @@ class Distributed:
             "runs": [self._record(trainer.coordinator[name]) for name in self.trained],
             "ledger": ledger.records if isinstance(ledger, BufferLedger) else [],
             "boundaries": self.boundaries,
+            "boundaries_done": trainer._rf_boundaries - self.boundaries_seen,
         }
         if isinstance(ledger, BufferLedger):
             ledger.records = []
         self.trained, self.boundaries = [], []
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, local, group=self.group)
+        others = sum(payload["boundaries_done"] for rank, payload in enumerate(gathered) if rank != self.rank)
+        trainer._rf_boundaries += others  # checkpoints are numbered and due by every rank's boundaries
+        trainer._rf_since_checkpoint += others
+        self.boundaries_seen = trainer._rf_boundaries
         for rank, payload in enumerate(gathered):
             for record in payload["runs"]:
                 self.owner[record["name"]] = rank
@@ -332,6 +344,7 @@ class Distributed:
         for key in ("status", "next_slice", "slices_done", "wall_time", "error", "reason", "train_metrics"):
             setattr(run, key, record[key])
         run.last_step, run.oom_retry = tuple(record["last_step"]), record["oom_retry"]
+        run.dirty = True
         self._drop_local(run)
         if record["state"] is not None:
             run.attributes["state"] = record["state"]
@@ -368,23 +381,61 @@ class Distributed:
                         reporter.finish(run)
                 write_run_json(run, run.args.output_dir)
 
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _checkpoint(self, final: bool = False) -> None:
+        """An experiment checkpoint, if one is due: rank 0 decides and names the runs whose current state another
+        rank holds; those ranks send their files (the per-run writer's output), and rank 0 writes the checkpoint."""
+        trainer = self.trainer
+        plan: list[Any] = [None]
+        if self.main:
+            every, since = trainer._rf_checkpoint_every, trainer._rf_since_checkpoint
+            due = every is not None and trainer._rf_shared_args.should_save and (since >= every or (final and since))
+            fetch = [
+                (run.name, self.owner[run.name])
+                for run in trainer.coordinator
+                if self.owner.get(run.name) not in (None, 0) and (run.dirty or run.checkpoint_files is None)
+            ]
+            plan = [(due, fetch)]
+        dist.broadcast_object_list(plan, src=0, group=self.group)
+        due, fetch = plan[0]
+        if not due:
+            return
+        for name, owner in fetch:
+            if self.rank == owner:
+                dist.send_object_list([self._files(trainer.coordinator[name])], dst=0, group=self.group)
+            elif self.main:
+                received: list[Any] = [None]
+                dist.recv_object_list(received, src=owner, group=self.group)
+                self.remote[name] = received[0]
+        if self.main:
+            try:
+                with trainer._rf_ops_lock:
+                    trainer._checkpoint()
+            finally:
+                self.remote = {}
+        else:
+            trainer._rf_since_checkpoint = 0
+
+    def _files(self, run: Run) -> dict[str, bytes]:
+        """The checkpoint module's files for `run` (this rank holds its state), as bytes."""
+        folder = Path(tempfile.mkdtemp(prefix="rf-run-"))
+        try:
+            self.trainer._write_run(run, folder)
+            return {path.name: path.read_bytes() for path in folder.iterdir()}
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
     # -------------------------------------------------------------------------------------- migration
     def _migrate(self, runs: list[Run], plan: dict[str, int]) -> None:
         """Move each run whose state is on another rank than the one that trains it next (point-to-point, in the
         runs' order, so every rank posts its sends and receives in the same sequence)."""
-        trainer = self.trainer
         for run in runs:
             source, target = self.owner.get(run.name), plan[run.name]
             if source is None or source == target:
                 continue
             self.migrations += 1
             if self.rank == source:
-                folder = Path(tempfile.mkdtemp(prefix="rf-migrate-"))
-                try:
-                    trainer._write_run(run, folder)
-                    files = {path.name: path.read_bytes() for path in folder.iterdir()}
-                finally:
-                    shutil.rmtree(folder, ignore_errors=True)
+                files = self._files(run)
                 activated = "optimizer" in run.attributes
                 dist.send_object_list([(files, activated)], dst=target, group=self.group)
                 self._drop_local(run)

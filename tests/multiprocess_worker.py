@@ -23,6 +23,8 @@ def _configs(scenario: str) -> list[dict]:
     def lora(r: int = 4, dropout: float = 0.1) -> LoraConfig:
         return LoraConfig(r=r, lora_alpha=8, lora_dropout=dropout, target_modules=["q_proj", "v_proj"])
 
+    if scenario in ("crash", "resume"):
+        return _configs("configs")
     if scenario == "data":  # dropout off: each process draws masks for its part of the batch only
         return [
             {"name": "a", "peft_config": lora(dropout=0.0)},
@@ -65,6 +67,21 @@ class _OpMidChunk:
         self.callback = Callback(self)
 
 
+class _Kill:
+    """Kill the process that trains run b at its step 6 (in its second chunk), as a crash would."""
+
+    def __new__(cls, trainer):
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                active = trainer._rf_active
+                if active is not None and active.name == "b" and state.global_step == 6:
+                    os._exit(3)
+
+        return Callback()
+
+
 def build(scenario: str, out: str | os.PathLike, parallel: str = "auto", per_device: int | None = None):
     from helpers import cpu_sft_config
 
@@ -76,6 +93,8 @@ def build(scenario: str, out: str | os.PathLike, parallel: str = "auto", per_dev
     model = build_tiny_model(tokenizer, seed=0)
     train, val = demo_datasets()
     overrides = {"max_steps": 12 if scenario == "policy" else 8, "per_device_train_batch_size": per_device or 4}
+    if scenario in ("crash", "resume"):  # experiment checkpoints at every round
+        overrides.update(save_strategy="steps", save_steps=1000)
     args = cpu_sft_config(out, eval_strategy="no", **overrides)
     hook = _OpMidChunk() if scenario == "ops" else None
     trainer = RFSFTTrainer(
@@ -89,7 +108,10 @@ def build(scenario: str, out: str | os.PathLike, parallel: str = "auto", per_dev
         parallel=parallel,
         callbacks=[hook.callback] if hook else None,
         policies=[SuccessiveHalving()] if scenario == "policy" else None,
+        checkpoint_every=1 if scenario in ("crash", "resume") else None,
     )
+    if scenario == "crash":
+        trainer.add_callback(_Kill(trainer))
     if hook:
         hook.callback.trainer = trainer
     return trainer
@@ -116,8 +138,8 @@ def main() -> None:
         if scenario == "data":
             trainer = build(scenario, folder, parallel="data", per_device=2)
         else:
-            trainer = build(scenario, folder)
-        trainer.train()
+            trainer = build(scenario, "/".join([str(out), "resume"]) if scenario == "crash" else folder)
+        trainer.train(resume_from_checkpoint=True if scenario == "resume" else None)
         rank = dist.get_rank() if dist.is_initialized() else 0
         (folder / f"rank{rank}.json").write_text(json.dumps(summary(trainer), default=str), encoding="utf-8")
         trainer.close()

@@ -54,6 +54,11 @@ def launched(tmp_path_factory):
     command += [str(HERE / "multiprocess_worker.py"), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-8000:]
+    # A 2-process experiment killed mid-chunk (the process training run b exits), then resumed on 2 processes
+    crashed = subprocess.run([*command, "crash"], env=env, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode != 0
+    resumed = subprocess.run([*command, "resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-8000:]
     return out
 
 
@@ -75,6 +80,7 @@ def _adapter(folder, name):
     return load_file(Path(folder) / "runs" / name / "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # the module\'s three 2-process launches take ~40 s together
 def test_config_parallel_runs_equal_one_process_bit_for_bit(launched, tmp_path):
     rank0, rank1 = _ranks(launched, "configs")
     assert rank0["mode"] == "configs" and rank0["migrations"] >= 1
@@ -92,6 +98,7 @@ def test_config_parallel_runs_equal_one_process_bit_for_bit(launched, tmp_path):
     assert {r.get("rank") for r in ledger if r["event"] == "log"} == {None, 1}  # rank 1's records, written by rank 0
 
 
+@pytest.mark.slow  # the module\'s three 2-process launches take ~40 s together
 def test_ic_op_mid_chunk_is_applied_by_every_rank(launched, tmp_path):
     rank0, rank1 = _ranks(launched, "ops")
     assert _steady(rank0["results"]) == _steady(rank1["results"])
@@ -109,6 +116,7 @@ def test_ic_op_mid_chunk_is_applied_by_every_rank(launched, tmp_path):
     assert not list((launched / "ops").glob("ledger-*.jsonl"))  # one ledger, rank 0's
 
 
+@pytest.mark.slow  # the module\'s three 2-process launches take ~40 s together
 def test_policy_decisions_on_rank_0_match_one_process(launched, tmp_path):
     rank0, rank1 = _ranks(launched, "policy")
     assert _steady(rank0["results"]) == _steady(rank1["results"])
@@ -125,6 +133,22 @@ def test_policy_decisions_on_rank_0_match_one_process(launched, tmp_path):
             assert all(torch.equal(one[key], two[key]) for key in one), name
 
 
+@pytest.mark.slow  # the module\'s three 2-process launches take ~40 s together
+def test_killed_multi_process_experiment_resumes_bit_for_bit(launched):
+    resumed, uninterrupted = _ranks(launched, "resume"), _ranks(launched, "configs")
+    assert _steady(resumed[0]["results"]) == _steady(resumed[1]["results"])
+    assert _steady(resumed[0]["results"]) == _steady(uninterrupted[0]["results"])
+    assert _steady(resumed[0]["logs"]) == _steady(uninterrupted[0]["logs"])
+    for row in resumed[0]["results"]:
+        one, two = _adapter(launched / "configs", row["name"]), _adapter(launched / "resume", row["name"])
+        assert all(torch.equal(one[key], two[key]) for key in one), row["name"]
+    ledger = read_ledger(launched / "resume" / "ledger.jsonl")
+    assert [r["event"] for r in ledger].count("resumed") == 1
+    logged = [(r["run"], r["step"]) for r in ledger if r["event"] == "log" and "loss" in r]
+    assert sorted(logged) == sorted(set(logged))  # each step once: what came after the checkpoint was cut
+
+
+@pytest.mark.slow  # the module\'s three 2-process launches take ~40 s together
 def test_data_parallel_equals_one_process_with_the_same_global_batch(launched, tmp_path):
     rank0, rank1 = _ranks(launched, "data")
     assert rank0["mode"] == "data"
