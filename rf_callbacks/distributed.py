@@ -24,8 +24,12 @@ contiguous per-process parts, and the active run's gradients are averaged across
 wrapper: DDP would fix the trainable parameters when it wraps the model, and each run trains its own adapter). Ops
 and policies are decided on rank 0 and applied by every process at the next boundary.
 
+Experiment checkpoints: rank 0 decides when one is due (counting every rank's boundaries), the ranks holding runs that
+trained since the last one send their files, and rank 0 writes the checkpoint with the checkpoint module. A resume
+loads every run on every rank (each then holds every run's state, so the first assignment moves nothing).
+
 Limits: ops take effect at the next boundary round (a `stop` of the run that is training lets it end its slice);
-experiment checkpoints (`checkpoint_every`) are off with several processes; `fused=True` refuses several processes.
+`fused=True` refuses several processes.
 """
 
 from __future__ import annotations
