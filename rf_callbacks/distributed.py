@@ -127,8 +127,15 @@ class DistributedMixin:
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         coordination = self._rf_dist
-        data = coordination is not None and coordination.mode == "data"
-        if data and self.accelerator.sync_gradients and self._rf_active is not None:
+        if coordination is None or coordination.mode != "data":
+            return loss
+        # Every rank must see the same verdict on a non-finite loss (a run fails on all of them, or on none): a rank
+        # that failed the run alone would leave the others waiting in the next all-reduce.
+        finite = torch.isfinite(loss.detach()).to(torch.float32).reshape(1)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            loss = torch.full_like(loss, float("nan"))
+        if self.accelerator.sync_gradients and self._rf_active is not None:
             coordination.reduce_gradients(self._rf_active.trainable)
         return loss
 

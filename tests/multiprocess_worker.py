@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SCENARIOS = ("configs", "ops", "data", "policy")
+SCENARIOS = ("configs", "ops", "data", "policy", "nan")
 
 
 def _configs(scenario: str) -> list[dict]:
@@ -25,7 +25,7 @@ def _configs(scenario: str) -> list[dict]:
 
     if scenario in ("crash", "resume"):
         return _configs("configs")
-    if scenario == "data":  # dropout off: each process draws masks for its part of the batch only
+    if scenario in ("data", "nan"):  # dropout off: each process draws masks for its part of the batch only
         return [
             {"name": "a", "peft_config": lora(dropout=0.0)},
             {"name": "b", "peft_config": lora(8, dropout=0.0), "learning_rate": 3e-3},
@@ -65,6 +65,24 @@ class _OpMidChunk:
                     trainer.clone("a", {"learning_rate": 2e-3}, warm_start=True, name="a2")
 
         self.callback = Callback(self)
+
+
+class _PoisonOnRank1:
+    """Data-parallel fault: on rank 1 only, run b's adapter turns NaN after its step 2 (its loss there is NaN)."""
+
+    def __new__(cls, trainer):
+        import torch
+        from transformers import TrainerCallback
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                active = trainer._rf_active
+                if trainer._rf_dist.rank == 1 and active.name == "b" and state.global_step == 2:
+                    with torch.no_grad():
+                        for param in active.trainable:
+                            param.fill_(float("nan"))
+
+        return Callback()
 
 
 class _Kill:
@@ -112,6 +130,8 @@ def build(scenario: str, out: str | os.PathLike, parallel: str = "auto", per_dev
     )
     if scenario == "crash":
         trainer.add_callback(_Kill(trainer))
+    if scenario == "nan" and trainer._rf_dist is not None:
+        trainer.add_callback(_PoisonOnRank1(trainer))
     if hook:
         hook.callback.trainer = trainer
     return trainer
@@ -135,7 +155,7 @@ def main() -> None:
     for scenario in sys.argv[2:] or SCENARIOS:
         folder = out / scenario
         # data-parallel: 2 processes x 2 rows = the reference's 4 rows per optimizer step
-        if scenario == "data":
+        if scenario in ("data", "nan"):
             trainer = build(scenario, folder, parallel="data", per_device=2)
         else:
             trainer = build(scenario, "/".join([str(out), "resume"]) if scenario == "crash" else folder)

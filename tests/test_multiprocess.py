@@ -165,6 +165,16 @@ def test_data_parallel_equals_one_process_with_the_same_global_batch(launched, t
         assert evals == pytest.approx([e["eval_loss"] for e in reference["logs"][name] if "eval_loss" in e], rel=1e-4)
 
 
+@pytest.mark.slow  # the module\'s three 2-process launches take ~40 s together
+def test_data_parallel_nan_on_one_rank_fails_the_run_on_every_rank(launched):
+    """No hang: the rank whose loss is finite learns the other's is not, and fails the run too."""
+    rank0, rank1 = _ranks(launched, "nan")
+    assert _steady(rank0["results"]) == _steady(rank1["results"])
+    rows = {row["name"]: row for row in rank0["results"]}
+    assert (rows["b"]["status"], rows["b"]["error"]) == ("failed", "FloatingPointError: loss is nan at step 3")
+    assert rows["a"]["status"] == "completed"
+
+
 def test_assignment_keeps_runs_in_place_and_evens_the_load():
     from types import SimpleNamespace
 
