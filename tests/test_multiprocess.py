@@ -65,10 +65,17 @@ def launched(tmp_path_factory):
 def _reference(scenario, tmp_path):
     from multiprocess_worker import build, summary
 
-    trainer = build(scenario, tmp_path / scenario)
-    trainer.train()
-    result = summary(trainer)
-    trainer.close()
+    # The launched processes run with one thread (OMP_NUM_THREADS=1); CPU matmuls sum in another order with another
+    # thread count, so the reference must use one thread too to be comparable bit for bit.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = build(scenario, tmp_path / scenario)
+        trainer.train()
+        result = summary(trainer)
+        trainer.close()
+    finally:
+        torch.set_num_threads(threads)
     return result
 
 
