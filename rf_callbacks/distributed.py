@@ -335,20 +335,8 @@ class Distributed:
 
     # -------------------------------------------------------------------------------------- run records
     def _record(self, run: Run) -> dict[str, Any]:
-        grad_norm, learning_rate = run.last_step
-        return {
-            "name": run.name,
-            "status": run.status,
-            "next_slice": run.next_slice,
-            "slices_done": run.slices_done,
-            "wall_time": run.wall_time,
-            "error": run.error,
-            "reason": run.reason,
-            "last_step": (grad_norm, learning_rate),
-            "train_metrics": run.train_metrics,
-            "oom_retry": run.oom_retry,
-            "state": run.state,
-        }
+        """The checkpoint's account of `run`, plus its live `TrainerState`."""
+        return {**self.trainer._run_record(run), "state": run.state}
 
     def _merge(self, run: Run, record: dict[str, Any]) -> None:
         """Take another rank's account of `run`, which it trained last round (this rank's copy is stale)."""
