@@ -7,7 +7,7 @@ the same small per-run batch, so the tokens are the same; the time is `train()` 
 preparation excluded on every side). On a CPU in a few minutes:
 
     python benchmarks/fused_throughput.py                            # ~5M Llama, fp32, batch 2, K = 1 2 4 8
-    python benchmarks/fused_throughput.py --ks 4 --batch 1
+    python benchmarks/fused_throughput.py --ks 4 --batch 1 --repeats 3     # medians of 3 interleaved runs
     python benchmarks/fused_throughput.py --device cuda --dtype bf16 --hidden 2048 --layers 16 --ks 4 --steps 16
 
 The last line of stdout is one JSON object with every number.
@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,6 +141,9 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--ks", default="1,2,4,8")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of every (method, K), interleaved; the medians are reported"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # worker mode
@@ -160,14 +164,23 @@ def main() -> None:
         f"{device} ({torch.get_num_threads()} threads); per-run batch {opts.batch}, {opts.steps} steps per run, "
         f"{opts.chunks} chunks"
     )
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     base = [sys.executable, __file__, *sys.argv[1:]]
-    for k in [int(k) for k in opts.ks.split(",")]:
-        for method in METHODS:
-            out = subprocess.run([*base, "--method", method, "--k", str(k)], capture_output=True, text=True)
-            if out.returncode != 0:
-                sys.exit(f"{method} K={k} failed:\n{out.stderr[-3000:]}")
-            results[f"{method}/{k}"] = json.loads(out.stdout.strip().splitlines()[-1])
+    for _ in range(opts.repeats):  # interleaved, so that a slow spell of the machine hits every method alike
+        for k in [int(k) for k in opts.ks.split(",")]:
+            for method in METHODS:
+                out = subprocess.run([*base, "--method", method, "--k", str(k)], capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"{method} K={k} failed:\n{out.stderr[-3000:]}")
+                runs.setdefault(f"{method}/{k}", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {
+        key: {
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+            "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in rs],
+            "peak_bytes": max(r["peak_bytes"] for r in rs),
+        }
+        for key, rs in runs.items()
+    }
     print(
         "\n| K | plain TRL tok/s | rotation tok/s | fused tok/s | fused / rotation | fused / plain | peak MiB p/r/f |"
     )
@@ -192,6 +205,7 @@ def main() -> None:
                 "parameters": params,
                 "batch": opts.batch,
                 "steps": opts.steps,
+                "repeats": opts.repeats,
                 "summary": summary,
                 "results": results,
             }

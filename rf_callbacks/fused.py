@@ -74,19 +74,68 @@ def _mixed_forward(layer: LoraLinear, segments: Sequence[tuple[str, slice]], x: 
     if x.shape[0] != segments[-1][1].stop:
         raise RuntimeError(f"fused LoRA forward: a layer got {x.shape[0]} rows, expected {segments[-1][1].stop}")
     result = layer.base_layer(x, *args, **kwargs)
-    if not any(adapter in layer.lora_A for adapter, _ in segments):
+    adapters = [adapter for adapter, _ in segments]
+    present = [adapter for adapter in adapters if adapter in layer.lora_A]
+    if not present:
         return result
+    sizes = [rows.stop - rows.start for _, rows in segments]
+    dtypes = {layer.lora_A[adapter].weight.dtype for adapter in present}
+    if len(set(sizes)) == 1 and len(dtypes) == 1 and not any(layer.lora_bias.get(a) for a in present):
+        delta = _stacked_delta(layer, adapters, x, dtypes.pop())
+    else:
+        delta = _looped_delta(layer, segments, sizes, x, result)
+    return (result + delta).to(result.dtype)  # added in the promoted dtype, then cast, as PEFT does
+
+
+def _looped_delta(layer: LoraLinear, segments, sizes: list[int], x: torch.Tensor, result: torch.Tensor):
+    """Each segment through its own adapter's `lora_A`/`lora_B` modules."""
     # One `split` and one `cat`: their backwards are one concatenation and views. Slicing rows instead makes every
     # segment's backward write a zero-filled gradient of the whole batch (quadratic in the group size).
     deltas = []
-    for (adapter, rows), sub in zip(segments, x.split([rows.stop - rows.start for _, rows in segments])):
+    for (adapter, _), sub, size in zip(segments, x.split(sizes), sizes):
         if adapter in layer.lora_A:
             lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
             sub = layer._cast_input_dtype(sub, lora_A.weight.dtype)
             deltas.append(lora_B(lora_A(layer.lora_dropout[adapter](sub))) * layer.scaling[adapter])
         else:
-            deltas.append(result.new_zeros((rows.stop - rows.start, *result.shape[1:])))
-    return (result + torch.cat(deltas)).to(result.dtype)  # added in the promoted dtype, then cast, as PEFT does
+            deltas.append(result.new_zeros((size, *result.shape[1:])))
+    return torch.cat(deltas)
+
+
+def _stacked_delta(layer: LoraLinear, adapters: list[str], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Equal segments: every adapter's update in two batched matmuls, `[K, rows, in] @ [K, in, r] @ [K, r, out]`.
+
+    Ranks are zero-padded to the largest, and a segment whose adapter is not on this layer multiplies zeros. Batch `k`
+    of a `bmm` reads only adapter `k`'s weights, so a non-finite adapter still reaches only its own run's rows.
+    """
+    x = layer._cast_input_dtype(x, dtype)
+    rank = max(layer.r[adapter] for adapter in adapters if adapter in layer.lora_A)
+    a_parts, b_parts, scales, dropouts = [], [], [], []
+    for adapter in adapters:
+        if adapter in layer.lora_A:
+            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            pad = rank - a.shape[0]
+            a_parts.append(torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
+            b_parts.append(torch.nn.functional.pad(b, (0, pad)) if pad else b)
+            scales.append(layer.scaling[adapter])
+            dropouts.append(layer.lora_dropout[adapter])
+        else:
+            a_parts.append(x.new_zeros((rank, layer.in_features)))
+            b_parts.append(x.new_zeros((layer.out_features, rank)))
+            scales.append(0.0)
+            dropouts.append(torch.nn.Identity())
+    segments = x.reshape(len(adapters), -1, x.shape[-1])
+    if not all(isinstance(dropout, torch.nn.Identity) for dropout in dropouts):
+        segments = torch.stack([dropout(segment) for dropout, segment in zip(dropouts, segments)])
+    delta = torch.bmm(torch.bmm(segments, torch.stack(a_parts).transpose(1, 2)), torch.stack(b_parts).transpose(1, 2))
+    delta = delta * _scales(tuple(scales), delta.device, delta.dtype)
+    return delta.reshape(*x.shape[:-1], layer.out_features)
+
+
+@functools.lru_cache(maxsize=256)
+def _scales(scales: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Per-segment LoRA scalings as a `[K, 1, 1]` tensor, made once per group (not copied to the device per layer)."""
+    return torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1)
 
 
 @contextlib.contextmanager

@@ -57,9 +57,15 @@ def train(make_model, tokenizer, data, args, *, fused, configs=FOUR_RUNS, **kwar
     return trainer
 
 
-def test_fused_matches_rotation(make_model, tokenizer, chat_data, sft_args, tmp_path):
-    rotation = train(make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "rot"), fused=False)
-    fused = train(make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "fused"), fused=True)
+# The same runs with one micro-batch size: the fused rounds take the stacked (`bmm`) path instead of the looped one.
+EQUAL_BATCHES = [{k: v for k, v in config.items() if k != "per_device_train_batch_size"} for config in FOUR_RUNS]
+
+
+@pytest.mark.parametrize("configs", [FOUR_RUNS, EQUAL_BATCHES], ids=["looped", "stacked"])
+def test_fused_matches_rotation(make_model, tokenizer, chat_data, sft_args, tmp_path, configs):
+    kwargs = {"configs": configs}
+    rotation = train(make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "rot"), fused=False, **kwargs)
+    fused = train(make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "fused"), fused=True, **kwargs)
     rows = {row["name"]: row for row in fused.results()}
     for run in "abcd":
         assert rows[run]["status"] == "completed"
@@ -91,31 +97,54 @@ def test_concat_batches_pads_each_key_and_keeps_rows():
         concat_batches([one, {"input_ids": two["input_ids"]}])
 
 
-def test_mixed_forward_equals_each_adapter_alone(make_model):
-    """Rows of a mixed batch get exactly what PEFT's own forward gives them with their adapter alone."""
+@pytest.mark.parametrize("sizes", [(2, 1), (2, 2)], ids=["looped", "stacked"])
+def test_mixed_forward_equals_each_adapter_alone(make_model, sizes):
+    """Rows of a mixed batch get what PEFT's own forward gives them with their adapter alone, and each adapter gets the
+    gradient of its own rows' loss. Unequal segments take the looped path, equal ones the stacked (`bmm`) path; the
+    adapters differ in rank and target modules, so the stacked path also pads ranks and skips absent adapters."""
     from helpers import cpu_sft_config
+    from peft.tuners.lora import Linear as LoraLinear
 
     from rf_callbacks.adapters import attach_adapters
     from rf_callbacks.configs import parse_configs
 
     configs = [
         {"name": "x", "peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)},
-        {"name": "y", "peft_config": LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False)},
+        {"name": "y", "peft_config": LoraConfig(r=2, target_modules=["v_proj", "up_proj"], init_lora_weights=False)},
     ]
     specs = parse_configs(configs, cpu_sft_config("unused"), None, set(), lambda name: name)
-    model = attach_adapters(make_model(), specs).eval()
-    ids = torch.randint(4, 100, (3, 7))
-    layers = [m for m in model.modules() if isinstance(m, __import__("peft").tuners.lora.Linear)]
-    with torch.no_grad(), mixed_adapters(layers, [("x", slice(0, 2)), ("y", slice(2, 3))]):
+    model = attach_adapters(make_model(), specs).train()
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    ids = torch.randint(4, 100, (sum(sizes), 7))
+    x_rows, y_rows = slice(0, sizes[0]), slice(sizes[0], sum(sizes))
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear)]
+
+    def grads():
+        found = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return found
+
+    with mixed_adapters(layers, [("x", x_rows), ("y", y_rows)]):
         mixed = model(input_ids=ids).logits
-    with torch.no_grad():
-        model.set_adapter("x")
-        alone_x = model(input_ids=ids[:2]).logits
-        model.set_adapter("y")
-        alone_y = model(input_ids=ids[2:]).logits
-    assert torch.allclose(mixed[:2], alone_x, atol=1e-5) and torch.allclose(mixed[2:], alone_y, atol=1e-5)
+        (mixed[x_rows].square().mean() + mixed[y_rows].square().mean()).backward()
+    mixed_grads = grads()
+    alone, alone_grads = {}, {}
+    for adapter, rows in (("x", x_rows), ("y", y_rows)):
+        model.base_model.set_adapter(adapter)
+        for name, param in model.named_parameters():  # `set_adapter` also sets `requires_grad`
+            param.requires_grad_("lora_" in name)
+        alone[adapter] = model(input_ids=ids[rows]).logits
+        alone[adapter].square().mean().backward()
+        alone_grads.update({n: g for n, g in grads().items() if f".{adapter}." in n})
+    assert torch.allclose(mixed[x_rows], alone["x"], atol=1e-5)
+    assert torch.allclose(mixed[y_rows], alone["y"], atol=1e-5)
+    assert mixed_grads.keys() == alone_grads.keys()
+    assert any(".x." in name for name in mixed_grads) and any(".y." in name for name in mixed_grads)
+    for name, grad in mixed_grads.items():
+        assert torch.allclose(grad, alone_grads[name], atol=1e-6), name
     with torch.no_grad():  # the adapters differ, so the check above can fail
-        assert not torch.allclose(mixed[:1], model(input_ids=ids[:1]).logits, atol=1e-3)  # y active
+        assert not torch.allclose(mixed[x_rows], model(input_ids=ids[x_rows]).logits, atol=1e-3)  # y active
 
 
 def test_fused_policies_nan_isolation_and_non_lora_runs(tokenizer, chat_data, sft_args, tmp_path):
