@@ -153,6 +153,37 @@ def mixed_adapters(layers: Sequence[LoraLinear], segments: Sequence[tuple[str, s
             del layer.forward
 
 
+class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
+    """Counts the bytes of the tensors autograd saves for the backward (each storage once, parameters excluded): the
+    activation memory of a forward, measured where no allocator reports a peak (CPU)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.bytes = 0
+        seen = {param.untyped_storage().data_ptr() for param in model.parameters()}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
+            return tensor
+
+        super().__init__(pack, lambda tensor: tensor)
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free for a fused round: the CUDA device's free memory, or the host's available memory (Linux; None where
+    it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class _Rows:
     """Stands in for the model in TRL's `compute_loss`: one run's rows of the group's fused-LM-head outputs."""
 
@@ -217,15 +248,15 @@ class FusedMixin:
         return self._rf_fusable[adapter]
 
     def _group_limit(self, peers: list[Run]) -> int:
-        """`max_fused`, or with "auto": on CUDA as many runs as the free memory holds, from the peak memory per row
-        measured in earlier rounds (4 until measured); elsewhere 8."""
+        """`max_fused`, or with "auto": as many runs as the free memory holds, from the memory per batch row measured
+        in earlier rounds (4 until measured; 8 where the free memory is unknown)."""
         if self._rf_max_fused != "auto":
             return self._rf_max_fused
-        if not torch.cuda.is_available():
-            return 8
         if not self._rf_row_bytes:
             return 4
-        free, _ = torch.cuda.mem_get_info()
+        free = _free_memory(self.args.device)
+        if free is None:
+            return 8
         rows = max(run.plan.batch_size for run in peers)
         return max(1, int(0.8 * free / (self._rf_row_bytes * rows)))
 
@@ -335,9 +366,11 @@ class FusedMixin:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
+        # Without a device allocator's peak, count the bytes autograd keeps for the backward.
+        saved = _SavedBytes(self.model) if not cuda and len(requests) > 1 else None
         with mixed_adapters(self._lora_layers(), segments), self.maybe_activation_offload_context:
             model.train()
-            with self.compute_loss_context_manager():
+            with self.compute_loss_context_manager(), saved or contextlib.nullcontext():
                 outputs = model(**inputs, use_cache=False, fused_lm_head=True)
             first.rng = capture_rng()
             losses, total = {}, None
@@ -362,9 +395,11 @@ class FusedMixin:
             if total is not None:
                 self.accelerator.backward(total)
             first.rng = capture_rng()
+        rows_total = inputs["input_ids"].shape[0]
         if cuda:
-            rows_total = inputs["input_ids"].shape[0]
             self._rf_row_bytes = max(self._rf_row_bytes, (torch.cuda.max_memory_allocated() - before) / rows_total)
+        elif saved is not None:  # doubled: the backward holds activations' gradients next to what is left of them
+            self._rf_row_bytes = max(self._rf_row_bytes, 2 * saved.bytes / rows_total)
         return {name: loss.detach() for name, loss in losses.items()}
 
     def evaluate(self, *args, **kwargs):

@@ -178,8 +178,9 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             schedule; results match rotation up to floating-point summation order (max abs diff <= 1e-4). Runs
             whose adapter is not plain LoRA on linear layers (DoRA, embeddings, `modules_to_save`) rotate as usual.
         max_fused (`int` or `"auto"`, *optional*, defaults to `"auto"`):
-            Most runs in one fused group. `"auto"`: on CUDA as many as the free memory holds (from the memory per
-            row measured in earlier rounds, 4 until then), 8 elsewhere.
+            Most runs in one fused group. `"auto"`: as many as the free memory holds (CUDA: the device's free memory
+            and the peak allocated per batch row in earlier rounds; CPU: the host's available memory and twice the
+            activation bytes autograd saved per row), 4 until measured, 8 where the free memory cannot be read.
         oom_retry (`bool`, *optional*, defaults to `False`):
             When a run's step runs out of memory (`torch.OutOfMemoryError`) in its forward or backward pass, free its
             gradients and the CUDA cache and go on from that optimizer step with `per_device_train_batch_size` halved

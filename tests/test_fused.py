@@ -204,6 +204,27 @@ class OpsAt(TrainerCallback):
             self.trainer.resume("b")
 
 
+def test_auto_group_size_follows_free_memory(tokenizer, chat_data, sft_args, tmp_path, monkeypatch):
+    """`max_fused="auto"` on a CPU: groups of 4 until the activation bytes per row are measured, then as many runs as
+    the available memory holds (here made to hold two)."""
+    from test_policies import trainer_with
+
+    from rf_callbacks import fused
+
+    trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path, None, eval_set=False, fused=True)
+    rows = 8  # per-run batch of `trainer_with`
+    monkeypatch.setattr(
+        fused, "_free_memory", lambda device: 2.5 * trainer._rf_row_bytes * rows / 0.8 if trainer._rf_row_bytes else 0
+    )
+    trainer.train()
+    assert trainer._rf_row_bytes > 1000  # bytes of saved activations per row, counted in the first group's rounds
+    ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    logs = {chunk: [e["run"] for e in ledger if "loss" in e and e["chunk"] == chunk] for chunk in range(4)}
+    assert logs[0] == ["lr0", "lr1", "lr2", "lr3"] * 3  # 3 steps per chunk, one group of four
+    for chunk in (1, 2, 3):
+        assert logs[chunk] == ["lr0", "lr1"] * 3 + ["lr2", "lr3"] * 3  # two groups of two
+
+
 def test_fused_ic_ops_mid_chunk(make_model, tokenizer, chat_data, sft_args, tmp_path):
     reference = train(
         make_model, tokenizer, chat_data, sft_args(output_dir=tmp_path / "ref"), fused=False, configs=FOUR_RUNS[:2]
