@@ -73,6 +73,8 @@ def _mixed_forward(layer: LoraLinear, segments: Sequence[tuple[str, slice]], x: 
     """`lora.Linear.forward` for a batch whose row segments belong to different adapters (vanilla LoRA: per row, the
     same operations as PEFT's forward with that row's adapter alone). Segments of equal size (and adapters of one
     dtype, without `lora_bias`) take the stacked path, the others the looped one."""
+    if layer.disable_adapters:  # e.g. DPO's reference pass inside a fused round: the base alone
+        return layer.base_layer(x, *args, **kwargs)
     if x.shape[0] != segments[-1][1].stop:
         raise RuntimeError(f"fused LoRA forward: a layer got {x.shape[0]} rows, expected {segments[-1][1].stop}")
     result = layer.base_layer(x, *args, **kwargs)
@@ -224,6 +226,24 @@ class FusedMixin:
         self._rf_lora_layers: tuple = (None, [])
         self._rf_row_bytes = 0.0  # peak device memory per batch row of a fused round (CUDA), for max_fused="auto"
 
+    def _check_fused(self, max_fused: int | str) -> None:
+        """Refuse, before training, what the fused forward cannot serve (it relies on TRL's fused LM head and on
+        each micro-batch's rows being separate sequences)."""
+        if max_fused != "auto" and (isinstance(max_fused, bool) or not isinstance(max_fused, int) or max_fused < 1):
+            raise ValueError(f"max_fused={max_fused!r} is invalid; use an int >= 1 or 'auto'")
+        refused = {
+            "compute_loss_func": self.compute_loss_func is not None,
+            "label_smoothing_factor": self.label_smoother is not None,
+            "padding_free": self.args.padding_free,
+            "use_liger_kernel": self.args.use_liger_kernel,
+            "router aux loss (output_router_logits)": self.aux_loss_enabled,
+            "several processes": self.args.world_size > 1,
+            "a vision data set": self._is_vision_dataset,
+        }
+        for name, used in refused.items():
+            if used:
+                raise ValueError(f"fused=True cannot be combined with {name}; use fused=False (rotation)")
+
     # --------------------------------------------------------------------------------------------- grouping
     def _fused_group(self, run: Run) -> list[Run]:
         """`run` and the next active runs at its slice that can share its forward, up to the group limit."""
@@ -265,6 +285,10 @@ class FusedMixin:
         if self._rf_lora_layers[0] != key:
             self._rf_lora_layers = (key, [m for m in self.model.modules() if isinstance(m, LoraLinear)])
         return self._rf_lora_layers[1]
+
+    def _fused_model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of the group's one forward, from the concatenated micro-batches (SFT: as they are)."""
+        return inputs
 
     # ---------------------------------------------------------------------------------------------- training
     def _train_group(self, group: list[Run], trial, ignore_keys_for_eval) -> None:
@@ -371,7 +395,7 @@ class FusedMixin:
         with mixed_adapters(self._lora_layers(), segments), self.maybe_activation_offload_context:
             model.train()
             with self.compute_loss_context_manager(), saved or contextlib.nullcontext():
-                outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+                outputs = model(**self._fused_model_inputs(inputs), use_cache=False, fused_lm_head=True)
             first.rng = capture_rng()
             losses, total = {}, None
             for (run, (_, num_items_in_batch, _)), batch, r, length in zip(requests, batches, rows, lengths):
@@ -391,6 +415,9 @@ class FusedMixin:
                 losses[run.name] = loss
                 if math.isfinite(loss.item()):  # a non-finite loss stays out of the backward; its run fails
                     total = loss if total is None else total + loss
+            for run, _ in requests:  # a loss that disabled the adapters (DPO's reference pass) re-set `requires_grad`
+                for param in run.trainable:
+                    param.requires_grad_(True)
             restore_rng(first.rng)
             if total is not None:
                 self.accelerator.backward(total)

@@ -64,8 +64,8 @@ def _validate_setup(
 def _refuse_fused(fused: bool, trainer: str) -> None:
     if fused:
         raise ValueError(
-            f"fused=True is not supported by {trainer} yet (its loss needs paired or generated batches); only "
-            "RFSFTTrainer fuses runs so far. Use fused=False: runs rotate at chunk boundaries"
+            f"fused=True is not supported by {trainer} yet (its steps need generated batches); RFSFTTrainer and "
+            "RFDPOTrainer fuse runs. Use fused=False: runs rotate at chunk boundaries"
         )
 
 
@@ -300,23 +300,6 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         )
         init_oom_retry(self, oom_retry)
 
-    def _check_fused(self, max_fused: Any) -> None:
-        """Refuse, before training, what the fused forward cannot serve (it relies on TRL's fused LM head and on
-        each micro-batch's rows being separate sequences)."""
-        if max_fused != "auto" and (isinstance(max_fused, bool) or not isinstance(max_fused, int) or max_fused < 1):
-            raise ValueError(f"max_fused={max_fused!r} is invalid; use an int >= 1 or 'auto'")
-        refused = {
-            "compute_loss_func": self.compute_loss_func is not None,
-            "label_smoothing_factor": self.label_smoother is not None,
-            "padding_free": self.args.padding_free,
-            "use_liger_kernel": self.args.use_liger_kernel,
-            "router aux loss (output_router_logits)": self.aux_loss_enabled,
-            "several processes": self.args.world_size > 1,
-        }
-        for name, used in refused.items():
-            if used:
-                raise ValueError(f"fused=True cannot be combined with {name}; use fused=False (rotation)")
-
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.
     def _data_key(self, args) -> tuple:
@@ -408,14 +391,17 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     """Direct preference optimisation of several LoRA configs at once on one resident base model.
 
     Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus the rf-callbacks ones (`configs`,
-    `num_chunks`, `policies`, `checkpoint_every`, `oom_retry`, ...) as [`RFSFTTrainer`] takes them. Per-run fields are
-    those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO ones: beta,
-    loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef, discopop_tau,
-    max_length, truncation_mode, pad_to_multiple_of.
+    `num_chunks`, `policies`, `checkpoint_every`, `fused`, `oom_retry`, ...) as [`RFSFTTrainer`] takes them. Per-run
+    fields are those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO
+    ones: beta, loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef,
+    discopop_tau, max_length, truncation_mode, pad_to_multiple_of.
 
     The reference model is the shared base with adapters disabled (every run starts from a fresh adapter, whose model
     equals the base): no reference copy of the model, and no frozen "ref" adapter, per run. With `ref_model` (a model
     or a hub id / local path) one reference model serves all runs.
+
+    With `fused=True`, the policy forward and backward of a group of runs is one pass over their concatenated
+    [chosen; rejected] micro-batches (see [`RFSFTTrainer`]); each run's reference pass stays its own (no gradient).
 
     Usage:
     ```python
@@ -463,11 +449,10 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         boundary_eval: bool = True,
         checkpoint_every: int | None = None,
         fused: bool = False,
+        max_fused: int | str = "auto",
         oom_retry: bool = False,
     ):
         from .preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
-
-        _refuse_fused(fused, "RFDPOTrainer")
 
         args = _coerce_args(model, args, DPOConfig, "DPO")
         for index, config in enumerate(configs or []):
@@ -510,8 +495,19 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                 callbacks=callbacks,
                 optimizers=optimizers,
             )
+        if fused:
+            self._check_fused(max_fused)
         self._build_runs(
-            specs, num_chunks, offload_optimizer, control_socket, dashboard, policies, boundary_eval, checkpoint_every
+            specs,
+            num_chunks,
+            offload_optimizer,
+            control_socket,
+            dashboard,
+            policies,
+            boundary_eval,
+            checkpoint_every,
+            fused,
+            max_fused,
         )
         init_oom_retry(self, oom_retry)
 
@@ -531,6 +527,12 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     # `keep_start`, rows whose prompt fills `max_length` are dropped), so runs that differ in them get their own copy.
     def _data_key(self, args) -> tuple:
         return (args.max_length, args.truncation_mode)
+
+    def _fused_model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The policy forward's arguments as `DPOTrainer._compute_loss` builds them: completion tokens as labels."""
+        dropped = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+        kwargs = {key: value for key, value in inputs.items() if key not in dropped}
+        return {**kwargs, "labels": inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)}
 
     def _preference_collator(self, args):
         if self._rf_user_collator or self._is_vision_dataset:

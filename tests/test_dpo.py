@@ -4,6 +4,7 @@ applied exactly as `DPOTrainer` applies them and checked before any work; the re
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -157,6 +158,42 @@ def test_dpo_run_in_rotation_equals_run_alone_and_plain_trl(make_model, tokenize
     plain_c = plain_dpo(make_model, tokenizer, train, dpo_config(tmp_path / "plain-c", **fields), c["peft_config"])
     assert max_abs_diff(adapter_weights(plain_c.model, "default"), adapter_weights(mixed.model, "c")) <= 1e-6
     assert logged(mixed.runs["c"].state.log_history) == logged(plain_c.state.log_history)
+
+
+@pytest.mark.parametrize("equal_batches", [False, True], ids=["looped", "stacked"])
+def test_fused_dpo_matches_rotation(make_model, tokenizer, prefs, tmp_path, equal_batches):
+    """`fused=True`: the runs' policy passes share one forward and backward over their concatenated [chosen; rejected]
+    micro-batches; with their own betas, loss mixes, label smoothing, `max_length`s, batch sizes and gradient
+    accumulation they end within 1e-4 of rotation, with the same logged losses and reward margins (to 1e-4: a margin is
+    a difference of log-probability sums of ~-100, computed from differently shaped matrices)."""
+    configs = rotation_configs()
+    if equal_batches:  # every micro-batch 4 rows x 2: the LoRA layers take the stacked (`bmm`) path
+        configs[1].pop("per_device_train_batch_size")
+    train, _ = prefs
+    rotation = rf_dpo(make_model, tokenizer, train, dpo_config(tmp_path / "rot"), copy.deepcopy(configs), num_chunks=3)
+    fused = rf_dpo(
+        make_model, tokenizer, train, dpo_config(tmp_path / "fused"), copy.deepcopy(configs), num_chunks=3, fused=True
+    )
+    assert [row["status"] for row in fused.results()] == ["completed"] * 3
+    for name in "abc":
+        diff = max_abs_diff(adapter_weights(rotation.model, name), adapter_weights(fused.model, name))
+        assert diff < 1e-4, (name, diff)
+        assert (
+            adapter_weights(fused.model, name)[next(k for k in adapter_weights(fused.model, name) if "lora_B" in k)]
+            .abs()
+            .max()
+            > 0
+        )
+        for key in ("loss", "rewards/margins"):
+            expected, got = (
+                logged(rotation.runs[name].state.log_history, key),
+                logged(fused.runs[name].state.log_history, key),
+            )
+            assert [step for step, _ in got] == [step for step, _ in expected]
+            assert [value for _, value in got] == pytest.approx([value for _, value in expected], rel=1e-4, abs=1e-4)
+    ledger = [json.loads(line) for line in (tmp_path / "fused" / "ledger.jsonl").read_text().splitlines()]
+    # Trained together, round by round (c accumulates 2 micro-batches per step, so it logs every second round)
+    assert [e["run"] for e in ledger if "loss" in e][:5] == ["a", "b", "a", "b", "c"]
 
 
 def test_results_and_metrics_are_per_run(make_model, tokenizer, prefs, tmp_path):

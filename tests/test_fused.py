@@ -11,7 +11,7 @@ from peft import LoraConfig
 from test_exactness import adapter_weights, max_abs_diff
 from transformers import TrainerCallback, set_seed
 
-from rf_callbacks import RFDPOTrainer, RFSFTTrainer
+from rf_callbacks import RFGRPOTrainer, RFSFTTrainer
 from rf_callbacks.fused import concat_batches, mixed_adapters
 
 # Different ranks, alphas, learning rates, target modules, batch sizes and gradient accumulation.
@@ -275,8 +275,8 @@ def test_fused_checkpoint_resume_is_exact(tokenizer, chat_data, sft_args, tmp_pa
 
 
 def test_fused_refusals(make_model, tokenizer, chat_data, sft_args):
-    with pytest.raises(ValueError, match="fused=True is not supported by RFDPOTrainer"):
-        RFDPOTrainer(model=None, fused=True)
+    with pytest.raises(ValueError, match="fused=True is not supported by RFGRPOTrainer"):
+        RFGRPOTrainer(model=None, fused=True)
     kwargs = dict(train_dataset=chat_data[0], processing_class=tokenizer, configs=copy.deepcopy(FOUR_RUNS[:2]))
     with pytest.raises(ValueError, match="max_fused=0 is invalid"):
         RFSFTTrainer(model=make_model(), args=sft_args(), fused=True, max_fused=0, **kwargs)
