@@ -87,6 +87,17 @@ def worker(opts) -> dict:
         return max(entry.get("num_tokens", 0) for entry in state.log_history)
 
     cuda = opts.device == "cuda"
+
+    def timed_train(trainer) -> float:
+        """Seconds of `trainer.train()`, with the device's queued work included."""
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        trainer.train()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
     seconds, total_tokens = 0.0, 0.0
     if opts.method == "plain":
         for config in configs(opts.k):
@@ -98,13 +109,7 @@ def worker(opts) -> dict:
                 processing_class=tokenizer,
                 peft_config=config["peft_config"],
             )
-            if cuda:
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            trainer.train()
-            if cuda:
-                torch.cuda.synchronize()
-            seconds += time.perf_counter() - started
+            seconds += timed_train(trainer)
             total_tokens += tokens(trainer.state)
             del trainer
     else:
@@ -119,13 +124,7 @@ def worker(opts) -> dict:
             fused=opts.method == "fused",
             control_socket=False,
         )
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        trainer.train()
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
+        seconds = timed_train(trainer)
         total_tokens = sum(tokens(run.state) for run in trainer.runs)
         assert all(row["status"] == "completed" for row in trainer.results()), trainer.results()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

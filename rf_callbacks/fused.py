@@ -159,14 +159,14 @@ class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):
     """Counts the bytes of the tensors autograd saves for the backward (each storage once, parameters excluded): the
     activation memory of a forward, measured where no allocator reports a peak (CPU)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, parameter_storages: frozenset[int]):
         self.bytes = 0
-        seen = {param.untyped_storage().data_ptr() for param in model.parameters()}
+        counted = set()
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
+            if storage.data_ptr() not in parameter_storages and storage.data_ptr() not in counted:
+                counted.add(storage.data_ptr())
                 self.bytes += storage.nbytes()
             return tensor
 
@@ -223,7 +223,7 @@ class FusedMixin:
         self._rf_max_fused = max_fused
         self._rf_group: list[Run] = []
         self._rf_fusable: dict[str, bool] = {}  # by adapter name
-        self._rf_lora_layers: tuple = (None, [])
+        self._rf_model_index: tuple = (None, [], frozenset())
         self._rf_row_bytes = 0.0  # peak device memory per batch row of a fused round (CUDA), for max_fused="auto"
 
     def _check_fused(self, max_fused: int | str) -> None:
@@ -280,11 +280,14 @@ class FusedMixin:
         rows = max(run.plan.batch_size for run in peers)
         return max(1, int(0.8 * free / (self._rf_row_bytes * rows)))
 
-    def _lora_layers(self) -> list[LoraLinear]:
+    def _model_index(self) -> tuple[list[LoraLinear], frozenset[int]]:
+        """The LoRA layers and the parameters' storage addresses, re-read only when adapters are added or deleted."""
         key = tuple(self.model.peft_config)
-        if self._rf_lora_layers[0] != key:
-            self._rf_lora_layers = (key, [m for m in self.model.modules() if isinstance(m, LoraLinear)])
-        return self._rf_lora_layers[1]
+        if self._rf_model_index[0] != key:
+            layers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
+            storages = frozenset(param.untyped_storage().data_ptr() for param in self.model.parameters())
+            self._rf_model_index = (key, layers, storages)
+        return self._rf_model_index[1:]
 
     def _fused_model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of the group's one forward, from the concatenated micro-batches (SFT: as they are)."""
@@ -391,8 +394,9 @@ class FusedMixin:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         # Without a device allocator's peak, count the bytes autograd keeps for the backward.
-        saved = _SavedBytes(self.model) if not cuda and len(requests) > 1 else None
-        with mixed_adapters(self._lora_layers(), segments), self.maybe_activation_offload_context:
+        layers, parameter_storages = self._model_index()
+        saved = _SavedBytes(parameter_storages) if not cuda and len(requests) > 1 else None
+        with mixed_adapters(layers, segments), self.maybe_activation_offload_context:
             model.train()
             with self.compute_loss_context_manager(), saved or contextlib.nullcontext():
                 outputs = model(**self._fused_model_inputs(inputs), use_cache=False, fused_lm_head=True)
