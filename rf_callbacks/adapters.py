@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, set_seed
 
@@ -42,6 +43,18 @@ def attach_adapters(model: PreTrainedModel, specs: Sequence[RunSpec]) -> PeftMod
     if peft_model is None:
         raise ValueError("attach_adapters needs at least one spec with a peft_config")
     return peft_model
+
+
+def remove_adapters(model: PreTrainedModel, requires_grad: dict[str, bool]) -> None:
+    """Undo what PEFT did to `model` in place (what `PeftModel.unload()` does, from the base alone): every LoRA
+    layer back to the layer it wraps, no `peft_config`, and the parameters' `requires_grad` as it was."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    model.__dict__.pop("peft_config", None)
+    for name, param in model.named_parameters():
+        param.requires_grad_(requires_grad.get(name, param.requires_grad))
 
 
 def save_adapter(model: PeftModel, adapter_name: str, directory: str | os.PathLike) -> Path:

@@ -69,6 +69,23 @@ class DataPlan:
             max_steps = math.ceil(num_train_epochs * steps_per_epoch)
         return cls(num_rows, batch_size, grad_accum, num_chunks, max_steps, drop_last, start_slice)
 
+    def check(self, name: str, chunks: bool = True) -> None:
+        """Refuse a plan run `name` cannot train on: no micro-batch at all, or (`chunks`) fewer optimizer steps per
+        epoch than chunks."""
+        if self.batches_per_epoch == 0:
+            drop = " and dataloader_drop_last=True drops a last incomplete batch" if self.drop_last else ""
+            raise ValueError(
+                f"run {name!r} has no training batch: its training set has {self.num_rows} rows after data "
+                f"preparation (batch size {self.batch_size}{drop}); TRL drops the examples that truncation leaves "
+                "empty, so check max_length and the data"
+            )
+        if chunks and self.steps_per_epoch < self.num_chunks:
+            raise ValueError(
+                f"num_chunks={self.num_chunks} is more than run {name!r} has optimizer steps per epoch "
+                f"({self.steps_per_epoch}: {self.num_rows} rows, batch size {self.batch_size}, gradient "
+                f"accumulation {self.grad_accum}); lower num_chunks to at most {self.steps_per_epoch}"
+            )
+
     @property
     def batches_per_epoch(self) -> int:
         return self.num_rows // self.batch_size if self.drop_last else math.ceil(self.num_rows / self.batch_size)

@@ -155,6 +155,13 @@ def _suggest(key: str, choices: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def _owner_config(key: str) -> str | None:
+    """The TRL config class that has field `key` (for a per-run field given to another trainer)."""
+    from trl import DPOConfig, GRPOConfig, SFTConfig
+
+    return next((c.__name__ for c in (SFTConfig, DPOConfig, GRPOConfig) if key in c.__dataclass_fields__), None)
+
+
 def _check_type(where: str, key: str, value: Any, current: Any) -> None:
     """Refuse values whose type cannot be what the field holds (a string learning rate, a float batch size)."""
     if value is None or current is None or isinstance(current, (dict, list, tuple)):
@@ -249,6 +256,7 @@ def parse_configs(
         raise ValueError("configs is empty; pass at least one config dict, or leave configs=None for a single run")
 
     fields = {f.name for f in dataclasses.fields(args) if f.init}
+    nullable = {f.name for f in dataclasses.fields(args) if "None" in str(f.type) or "Optional" in str(f.type)}
     allowed = {key for key in per_run_fields if key in fields} | {"warmup_ratio"}
     specs: list[RunSpec] = []
     names: dict[str, int] = {}
@@ -286,6 +294,12 @@ def parse_configs(
                 raise ValueError(
                     f"{where}: {key}={value!r} cannot differ per run in one process ({reason}); set it in args instead"
                 )
+            other = _owner_config(key)
+            if other is not None:
+                raise ValueError(
+                    f"{where}: {key!r} is a field of {other}, not of {type(args).__name__}; this trainer does not "
+                    "take it"
+                )
             raise ValueError(f"{where}: unknown field {key!r}{_suggest(key, sorted(allowed | _RESERVED_KEYS))}")
 
         if "warmup_ratio" in overrides:  # transformers 5 folded the ratio into warmup_steps (a float below 1)
@@ -296,6 +310,8 @@ def parse_configs(
                 raise ValueError(f"{where}: warmup_ratio={ratio!r} is invalid; it must be a number in [0, 1)")
             overrides["warmup_steps"] = float(ratio)
         for key, value in overrides.items():
+            if value is None and key not in nullable:
+                raise ValueError(f"{where}: {key}=None is invalid; give a value (or leave the field out)")
             _check_type(where, key, value, getattr(args, key))
             _check_value(where, key, value)
         if "num_train_epochs" in overrides and "max_steps" not in overrides and args.max_steps > 0:

@@ -8,13 +8,16 @@ Runs whose budget ends earlier simply drop out of the rotation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import ItemsView, Iterable, Iterator, KeysView, ValuesView
 
 from .run import ACTIVE_STATUSES, Run
 
 
 class Coordinator:
-    """Orders (run, slice) work across runs.
+    """Orders (run, slice) work across runs; also `trainer.runs`, a read-only mapping of run names to runs.
+
+    `coordinator["a"]`, `"a" in coordinator`, `keys()`, `values()` and `items()` work as on a dict, but iterating
+    yields the [`Run`] objects (in the order they were added), not their names.
 
     Args:
         runs (`Iterable[Run]`): The runs, in the order they were configured.
@@ -29,11 +32,33 @@ class Coordinator:
         except KeyError:
             raise KeyError(f"unknown run {name!r}; runs are {sorted(self.runs)}") from None
 
-    def __iter__(self):
+    def __contains__(self, item: str | Run) -> bool:
+        # Without this, `in` would fall back to iterating the runs: names were never found, and a Run was found only
+        # through dataclass equality (which compares its tensors). A Run counts when it is the one of that name.
+        if isinstance(item, Run):
+            return self.runs.get(item.name) is item
+        return item in self.runs
+
+    def __iter__(self) -> Iterator[Run]:
         return iter(self.runs.values())
 
     def __len__(self) -> int:
         return len(self.runs)
+
+    def __repr__(self) -> str:
+        return f"Coordinator({list(self.runs.values())!r})"
+
+    def keys(self) -> KeysView[str]:
+        """The run names, in the order the runs were added (clones after the configured runs)."""
+        return self.runs.keys()
+
+    def values(self) -> ValuesView[Run]:
+        """The runs, in the order they were added (as iterating does)."""
+        return self.runs.values()
+
+    def items(self) -> ItemsView[str, Run]:
+        """`(name, run)` pairs, in the order the runs were added."""
+        return self.runs.items()
 
     def active(self) -> list[Run]:
         return [run for run in self.runs.values() if run.status in ACTIVE_STATUSES]

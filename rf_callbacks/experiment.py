@@ -150,13 +150,22 @@ class Experiment:
             self._ledgers.append(job.folder / "ledger.jsonl")
         self._write_runs()
 
-        model = tokenizer = base = None
+        model = tokenizer = base = failed = None
         for job in jobs:
             if job.group.base != base:
                 model = tokenizer = None
                 self._free()
-                model, tokenizer = self._create_model(create_model_fn, job.group.ref.leaf)
                 base = job.group.base
+                try:
+                    model, tokenizer = self._create_model(create_model_fn, job.group.ref.leaf)
+                except Exception as exc:  # its runs fail with the reason; groups on other bases go on
+                    logger.exception("create_model_fn failed for %s", job.folder.name)
+                    failed = f"create_model_fn failed: {type(exc).__name__}: {exc}"
+            if model is None:
+                for member in job.group.members:
+                    self._runs[member.run_id].update(status="failed", error=failed)
+                self._write_runs()
+                continue
             kwargs = dict(model=model, args=job.args, train_dataset=job.train, eval_dataset=job.eval)
             kwargs.update(processing_class=tokenizer, configs=job.configs, num_chunks=num_chunks)
             kwargs.update(policies=copy.deepcopy(policies), boundary_eval=boundary_eval)
@@ -167,6 +176,8 @@ class Experiment:
         self._free()
 
     def _create_model(self, create_model_fn: Callable, leaf) -> tuple[Any, Any]:
+        import torch
+
         created = create_model_fn(
             {
                 "model_name": leaf.model_name,
@@ -176,9 +187,18 @@ class Experiment:
                 "tokenizer_kwargs": dict(leaf.tokenizer_kwargs or {}),
             }
         )
-        if isinstance(created, (tuple, list)) and len(created) == 2:
-            return created[0], created[1]
-        return created, None
+        model, tokenizer = created if isinstance(created, (tuple, list)) and len(created) == 2 else (created, None)
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(
+                f"create_model_fn returned {type(created).__name__} for model {leaf.model_name!r}; it must return "
+                "(model, tokenizer) or just the model (a transformers model)"
+            )
+        if tokenizer is None and not model.config._name_or_path:  # TRL would load it from there
+            raise ValueError(
+                f"create_model_fn returned no tokenizer for model {leaf.model_name!r}, and the model (built in "
+                "memory) has no name or path to load one from; return (model, tokenizer)"
+            )
+        return model, tokenizer
 
     def _train_group(self, trainer_cls, trainer_type: str, group, out: Path, kwargs: dict[str, Any]):
         """Train one group with one trainer; return the base model with every adapter removed, for the next group."""
@@ -218,8 +238,16 @@ class Experiment:
         except Exception as exc:  # a single-run trainer re-raises its run's failure; the other groups go on
             logger.exception("group %s failed", out.name)
             error = f"{type(exc).__name__}: {exc}"
-        for row in trainer.results():
-            record = self._runs[int(row["name"].split("-", 1)[1])]
+        ids = {member.name: member.run_id for member in group.members}
+        for row in trainer.results():  # in order: a clone (an IC op, a policy) comes after its parent
+            if row["name"] not in ids:
+                parent = self._runs.get(ids.get(row["parent"]), {})
+                ids[row["name"]] = run_id = max(self._runs) + 1
+                self._runs[run_id] = record = dict.fromkeys(RUN_COLUMNS)
+                record.update(run_id=run_id, run_name=row["name"], model_name=parent.get("model_name"))
+                record.update(group=out.name, config={**parent.get("config", {}), **row["config"]})
+                record["output_dir"] = str(out / "runs" / row["name"])
+            record = self._runs[ids[row["name"]]]
             for key in (
                 "status",
                 "global_step",

@@ -28,7 +28,8 @@ import threading
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
+from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import set_seed
 
 from .configs import RunSpec, parse_configs
@@ -157,6 +158,28 @@ class InteractiveMixin:
                 status = {"stop": "stopped", "resume": "running", "delete": "deleted", "fail": "failed"}[pending.kind]
         return status
 
+    def _check_peft_override(self, peft_config, fields: dict[str, Any]) -> None:
+        """What PEFT would refuse only while building the adapter (mid-training, failing the clone): LoRA's rank,
+        alpha and dropout ranges, and target modules the model does not have."""
+        if not isinstance(peft_config, LoraConfig):
+            return
+        number = (int, float)
+        rules = {
+            "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
+            "lora_alpha": (lambda v: isinstance(v, number) and not isinstance(v, bool) and v > 0, "a number > 0"),
+            "lora_dropout": (lambda v: isinstance(v, number) and not isinstance(v, bool) and 0 <= v < 1, "in [0, 1)"),
+        }
+        for key, (ok, rule) in rules.items():
+            if key in fields and not ok(fields[key]):
+                raise OpError(f"invalid peft_config override {key}={fields[key]!r}; it must be {rule}")
+        targets = peft_config.target_modules
+        if "target_modules" in fields and targets != "all-linear":
+            names = [name for name, _ in self.model.get_base_model().named_modules()]
+            if not any(check_target_module_exists(peft_config, name) for name in names):
+                raise OpError(
+                    f"invalid peft_config override target_modules={targets!r}: no module of the model matches"
+                )
+
     def _clone_spec(self, op: Op) -> RunSpec:
         parent = self.coordinator[op.run].spec
         training, peft_fields = merge_peft_overrides(op.overrides)
@@ -171,6 +194,7 @@ class InteractiveMixin:
                 peft_config = dataclasses.replace(peft_config, **peft_fields)
             except (TypeError, ValueError) as error:
                 raise OpError(f"invalid peft_config override {peft_fields}: {error}") from error
+            self._check_peft_override(peft_config, peft_fields)
         taken = set(self.coordinator.runs) | {p.name for p in self._rf_pending if p.kind == "clone"}
         name = op.name
         if name is None:
@@ -184,6 +208,7 @@ class InteractiveMixin:
         runs_dir = self._rf_output_dir / "runs"
         try:
             (spec,) = parse_configs([config], self._rf_shared_args, None, self.per_run_fields, lambda n: runs_dir / n)
+            self._check_run_spec(spec)
         except ValueError as error:
             raise OpError(str(error).replace("configs[0] ", "clone ")) from error
         if op.warm_start:
@@ -213,6 +238,12 @@ class InteractiveMixin:
                     f"policies[{i}] ({type(policy).__name__}) compares {metric!r}, which needs an eval_dataset; pass "
                     f"one, or use metric='loss'"
                 )
+            check = getattr(policy, "check_trainer", None)  # arguments valid only for some trainers (Explore.perturb)
+            if check is not None:
+                try:
+                    check(self)
+                except ValueError as error:
+                    raise ValueError(f"policies[{i}] ({type(policy).__name__}): {error}") from error
         return policies
 
     def _wants_eval(self, run: Run, finished: bool) -> bool:
@@ -339,11 +370,18 @@ class InteractiveMixin:
         set_seed(spec.args.seed)
         self._rf_mode = None  # its modules start in training mode, whatever the model's mode
         try:
-            self.model.add_adapter(spec.adapter_name, spec.peft_config)
-        except Exception as error:  # e.g. out of memory: the child fails, the experiment goes on
-            if spec.adapter_name in self.model.peft_config:
-                self.model.delete_adapter(spec.adapter_name)
-            child.status, child.error = "failed", f"adapter could not be built: {type(error).__name__}: {error}"
+            plan.check(child.name, chunks=False)  # e.g. a max_length override that truncates every example away
+        except ValueError as error:
+            child.error = str(error)
+        if child.error is None:
+            try:
+                self.model.add_adapter(spec.adapter_name, spec.peft_config)
+            except Exception as error:  # e.g. out of memory: the child fails, the experiment goes on
+                if spec.adapter_name in self.model.peft_config:
+                    self.model.delete_adapter(spec.adapter_name)
+                child.error = f"adapter could not be built: {type(error).__name__}: {error}"
+        if child.error is not None:
+            child.status = "failed"
             self.coordinator.runs[child.name] = child
             self._status_event(child, parent=parent.name, error=child.error, by=op.source)
             return

@@ -131,12 +131,7 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
                 self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
                 self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
             plan = self._data_plan(spec, key)
-            if plan.steps_per_epoch < num_chunks:
-                raise ValueError(
-                    f"num_chunks={num_chunks} is more than run {spec.name!r} has optimizer steps per epoch "
-                    f"({plan.steps_per_epoch}: {plan.num_rows} rows, batch size {plan.batch_size}, gradient "
-                    f"accumulation {plan.grad_accum}); lower num_chunks to at most {plan.steps_per_epoch}"
-                )
+            plan.check(spec.name)
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)
         self._rf_output_dir = Path(self._rf_shared_args.output_dir)
@@ -171,6 +166,9 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
 
     def _rf_shards(self) -> int:
         return self._rf_dist.shards if self._rf_dist is not None else 1  # data-parallel: processes per global batch
+
+    def _check_run_spec(self, spec: RunSpec) -> None:
+        """The trainer's own checks of a run's arguments (DPO, GRPO), applied to clones as to the initial configs."""
 
     def _data_key(self, args) -> tuple:
         """Settings that change a run's prepared data; runs with equal keys share one tokenized data set."""
@@ -286,6 +284,12 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
             if self._rf_started:
                 raise ValueError("resume_from_checkpoint needs a freshly built trainer (this one has trained already)")
             self._rf_resume = self._resolve_checkpoint(resume_from_checkpoint)
+        idle = not self._rf_pending and all(run.status not in ("pending", "running") for run in self.coordinator)
+        if self._rf_started and self._rf_resume is None and idle:
+            logger.warning(
+                "train(): every run has ended (completed, stopped, failed or deleted), so there is nothing to train; "
+                "resume or clone a run first. Unlike SFTTrainer, a second train() does not start over."
+            )
         with self._rf_ops_lock:  # from here on ops wait for a safe point: `Trainer.train` moves the model around
             self._rf_training = True
         try:
@@ -340,6 +344,11 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
             with self._rf_ops_lock:
                 self._maybe_checkpoint(final=True)
             self._hold_reports(False)
+        except BaseException as error:  # with one run errors propagate as in TRL; the run still ends `failed`
+            run = self._rf_active
+            if self._rf_dist is None and run is not None and run.status == "running":
+                self._fail(run, f"{type(error).__name__}: {error}".rstrip(": "))
+            raise
         finally:
             if dashboard is not None:
                 dashboard.stop()
@@ -421,7 +430,13 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
         if finished or boundary:
             self._snapshot(run)
             if self.eval_dataset is not None and self._wants_eval(run, finished):
-                self.evaluate(ignore_keys=ignore_keys_for_eval)  # logged under the chunk it ends
+                try:
+                    self.evaluate(ignore_keys=ignore_keys_for_eval)  # logged under the chunk it ends
+                except Exception as error:
+                    if len(self.coordinator) == 1:
+                        raise
+                    self._slice_failed(run, error)
+                    return
             run.next_slice += 1
             run.slices_done += 1
         run.wall_time += time.time() - began

@@ -1,11 +1,11 @@
 """Plot the metrics of an experiment's append-only ledger (`ledger.jsonl`) to a PNG.
 
 Each ledger line is one JSON object with at least `run`, `step` and `event`. `"event": "log"` lines carry metrics
-(`loss`, `eval_loss`, `learning_rate`, ...); other lines (`"status"`, ops) only matter for their `chunk` field, whose
-increase marks a chunk boundary. Lines that are not JSON objects, lack a run or a step, or have unknown events are
-skipped, so a ledger cut mid-line by a crash still plots.
+(`loss`, `eval_loss`, `learning_rate`, ...); `"event": "boundary"` lines mark the step where a run ended a chunk and
+moved on to the next one (a run's end is no boundary: it gets a `"status"` line). Lines that are not JSON objects, lack
+a run or a step, or have other events are skipped, so a ledger cut mid-line by a crash still plots.
 
-matplotlib is imported inside [`plot_ledger`], so importing this module costs nothing.
+matplotlib is imported inside [`ledger_figure`] and [`plot_ledger`], so importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# Events whose `chunk` field is trusted for boundaries; anything else in the ledger is someone else's business.
-_KNOWN_EVENTS = {"log", "status"}
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# Events that place a run on the plot (`status` only fixes its color, by first appearance); anything else in the
+# ledger (ops, ...) is someone else's business.
+_KNOWN_EVENTS = {"log", "boundary", "status"}
 # Fields every ledger line has (and `epoch_index` on logs): not metrics.
 _RECORD_FIELDS = {"time", "run", "step", "chunk", "event", "epoch_index"}
 
@@ -43,7 +47,6 @@ def _read_ledger(
     """Return `(metric -> run -> {step: value}, run -> boundary steps, runs in order of first appearance)`."""
     series: dict[str, dict[str, dict[float, float]]] = {metric: {} for metric in metrics}
     boundaries: dict[str, list[float]] = {}
-    last_chunk: dict[str, float] = {}
     runs: list[str] = []
     with open(ledger_path, encoding="utf-8", errors="replace") as f:
         for line in f:
@@ -59,12 +62,10 @@ def _read_ledger(
             if run not in boundaries:
                 runs.append(run)
                 boundaries[run] = []
-            chunk = record.get("chunk")
-            if _is_number(chunk):
-                # Any change counts: chunks increase within an epoch and wrap back to 0 at the next one.
-                if run in last_chunk and chunk != last_chunk[run]:
-                    boundaries[run].append(step)
-                last_chunk[run] = chunk
+            # The trainer writes the boundary at the step the chunk ended, and none at a run's end; guessing it from
+            # a change in the `chunk` of logs would be up to `logging_steps` late and could mark the run's end too.
+            if record["event"] == "boundary":
+                boundaries[run].append(step)
             if record["event"] != "log":
                 continue
             for metric in metrics:
@@ -76,24 +77,18 @@ def _read_ledger(
     return series, boundaries, runs
 
 
-def plot_ledger(
-    ledger_path: str | os.PathLike,
-    output_png: str | os.PathLike,
-    metrics: Sequence[str] = ("loss", "eval_loss"),
-    title: str | None = None,
-) -> Path:
+def ledger_figure(
+    ledger_path: str | os.PathLike, metrics: Sequence[str] = ("loss", "eval_loss"), title: str | None = None
+) -> Figure:
     """
-    Draw one subplot per metric with one line per run against the training step, and save it as a PNG.
+    Draw one subplot per metric with one line per run against the training step (what [`plot_ledger`] saves).
 
-    Chunk boundaries (the steps where a run's `chunk` changes) are drawn as light dotted vertical lines in the
-    run's color. A metric with no value in the ledger gets no subplot.
+    Chunk boundaries (the ledger's `"boundary"` events) are drawn as light dotted vertical lines in the run's color;
+    a run's end is not one. A metric with no value in the ledger gets no subplot.
 
     Args:
         ledger_path (`str` or `os.PathLike`):
             Path of the JSONL ledger.
-        output_png (`str` or `os.PathLike`):
-            Where to write the PNG; missing parent folders are created and an existing file is replaced atomically,
-            so a dashboard serving it never reads half a file.
         metrics (`Sequence[str]`, *optional*, defaults to `("loss", "eval_loss")`):
             Keys of `"log"` events to plot, one subplot each, in this order; transformers' names (`train/loss`,
             `eval/loss`) are accepted too, and label their subplot.
@@ -101,7 +96,7 @@ def plot_ledger(
             Figure title. Defaults to the ledger's file name.
 
     Returns:
-        `pathlib.Path`: The path of the written PNG.
+        `matplotlib.figure.Figure`: The figure, on an Agg canvas (not registered with pyplot).
 
     Raises:
         `ValueError`: If `metrics` is empty or the ledger holds no value for any of them.
@@ -111,7 +106,7 @@ def plot_ledger(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ledger_path, output_png = Path(ledger_path), Path(output_png)
+    ledger_path = Path(ledger_path)
     metrics = list(metrics)
     if not metrics:
         raise ValueError("metrics must name at least one ledger field, got an empty sequence")
@@ -146,7 +141,39 @@ def plot_ledger(
         ax.legend(fontsize="small", loc="best")
     axes[-1].set_xlabel("step")
     fig.suptitle(title if title is not None else ledger_path.name)
+    return fig
 
+
+def plot_ledger(
+    ledger_path: str | os.PathLike,
+    output_png: str | os.PathLike,
+    metrics: Sequence[str] = ("loss", "eval_loss"),
+    title: str | None = None,
+) -> Path:
+    """
+    Draw the ledger with [`ledger_figure`] (one subplot per metric, one line per run, dotted chunk boundaries) and
+    save it as a PNG.
+
+    Args:
+        ledger_path (`str` or `os.PathLike`):
+            Path of the JSONL ledger.
+        output_png (`str` or `os.PathLike`):
+            Where to write the PNG; missing parent folders are created and an existing file is replaced atomically,
+            so a dashboard serving it never reads half a file.
+        metrics (`Sequence[str]`, *optional*, defaults to `("loss", "eval_loss")`):
+            Keys of `"log"` events to plot, one subplot each, in this order; transformers' names (`train/loss`,
+            `eval/loss`) are accepted too, and label their subplot.
+        title (`str`, *optional*):
+            Figure title. Defaults to the ledger's file name.
+
+    Returns:
+        `pathlib.Path`: The path of the written PNG.
+
+    Raises:
+        `ValueError`: If `metrics` is empty or the ledger holds no value for any of them.
+    """
+    fig = ledger_figure(ledger_path, metrics, title)
+    output_png = Path(output_png)
     output_png.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output_png.name}.", suffix=".tmp", dir=output_png.parent)
     try:

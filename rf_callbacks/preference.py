@@ -178,8 +178,10 @@ GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo", "luspo", 
 GRPO_SCALE_REWARDS = ("group", "batch", "none")
 
 
-def validate_grpo_specs(specs: list[RunSpec], num_reward_funcs: int) -> None:
-    """Refuse, before any work, per-run GRPO values that `GRPOTrainer` would refuse (or fail on) only later."""
+def validate_grpo_specs(specs: list[RunSpec], num_reward_funcs: int, evaluates: bool = False) -> None:
+    """Refuse, before any work, per-run GRPO values that `GRPOTrainer` would refuse (or fail on) only later.
+    `evaluates`: runs will be evaluated (an eval set is given: at chunk boundaries even with `eval_strategy="no"`,
+    where `GRPOConfig` skips its own eval-batch check)."""
     for index, spec in enumerate(specs):
         where = f"configs[{index}] ({spec.name!r})"
         args = spec.args
@@ -203,6 +205,18 @@ def validate_grpo_specs(specs: list[RunSpec], num_reward_funcs: int) -> None:
             raise bad("temperature", args.temperature, "it must be > 0 (sampling needs a positive temperature)")
         if not 0 < args.top_p <= 1:
             raise bad("top_p", args.top_p, "it must be in (0, 1]")
+        if args.top_k is not None and args.top_k < 0:
+            raise bad("top_k", args.top_k, "it must be >= 0 (0 turns top-k filtering off)")
+        if args.importance_sampling_level not in ("token", "sequence"):
+            raise bad("importance_sampling_level", args.importance_sampling_level, "use 'token' or 'sequence'")
+        eval_generations = args.num_generations_eval or args.num_generations
+        if evaluates and (args.per_device_eval_batch_size * args.world_size) % eval_generations:
+            raise bad(
+                "num_generations_eval" if args.num_generations_eval else "num_generations",
+                eval_generations,
+                f"the run is evaluated (an eval_dataset is given) and its eval batch (per_device_eval_batch_size "
+                f"{args.per_device_eval_batch_size} x {args.world_size} processes) must be divisible by it",
+            )
         if args.num_iterations < 1:
             raise bad("num_iterations", args.num_iterations, "it must be >= 1")
         if args.beta < 0:

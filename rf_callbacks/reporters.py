@@ -410,8 +410,9 @@ class TrackioReporter:
 
     `trackio.init()` finishes the process's current run before it starts another, so the runs are `trackio.Run`
     objects built directly, as `trackio.init()` builds them: each has its own run id and writer thread and logs into
-    the same project database, so all of them stay open side by side. Trackio has no run status; a run's end only
-    flushes and finishes it (the status is in the ledger and `run.json`). The Trackio run ids are kept in experiment
+    the same project database, so all of them stay open side by side. Trackio has no run status: a failed or deleted
+    run logs `rf/failed` or `rf/deleted` = 1 at its last step (so a run that failed before logging still shows, with
+    its config); the status is in the ledger and `run.json`. The Trackio run ids are kept in experiment
     checkpoints: a resumed experiment logs into the same Trackio runs (same name and id in the same project).
 
     Args:
@@ -446,8 +447,13 @@ class TrackioReporter:
         self.runs[run.name].log({**hf_metric_names(values), "chunk": chunk}, step=step)
 
     def finish(self, run: Run) -> None:
+        if run.name in self.finished or run.status == "stopped":  # a stopped run may resume
+            return
+        if run.status in ("failed", "deleted"):  # Trackio has no run status (and shows no run that logged nothing)
+            self.start(run)
+            self.runs[run.name].log({f"rf/{run.status}": 1.0}, step=run.global_step)
         trackio_run = self.runs.get(run.name)
-        if trackio_run is None or run.name in self.finished or run.status == "stopped":  # a stopped run may resume
+        if trackio_run is None:
             return
         trackio_run.finish()
         self.finished.add(run.name)

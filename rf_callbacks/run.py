@@ -27,7 +27,7 @@ STATUSES = ("pending", "running", "stopped", "completed", "failed", "deleted")
 ACTIVE_STATUSES = ("pending", "running")
 
 
-@dataclass
+@dataclass(repr=False)  # the generated repr would print every parked tensor (kilobytes per run)
 class Run:
     """One run of the experiment.
 
@@ -86,10 +86,41 @@ class Run:
     def current_epoch(self) -> int:
         return self.next_slice // self.plan.num_chunks
 
+    def slice_of_step(self, step: int) -> int:
+        """The slice (`epoch * num_chunks + chunk`) in which the run took its optimizer step number `step` (from 1);
+        its next slice before its first step. A value logged at step `step` belongs there, the final summary too."""
+        if step < 1:
+            return self.next_slice
+        plan = self.plan
+        epoch, in_epoch = divmod(plan.start_step + step - 1, plan.steps_per_epoch)
+        return epoch * plan.num_chunks + plan.chunk_of_step(in_epoch)
+
+    def __repr__(self) -> str:
+        return (
+            f"Run(name={self.name!r}, status={self.status!r}, global_step={self.global_step}/{self.plan.max_steps}, "
+            f"chunks_done={self.slices_done})"
+        )
+
     def last_logged(self, key: str) -> float | None:
         if self.state is None:
             return None
         return next((entry[key] for entry in reversed(self.state.log_history) if key in entry), None)
+
+    def _train_loss(self) -> float | None:
+        """The last logged loss; for a run that logged none (`logging_steps` above its steps), its mean train loss."""
+        loss = self.last_logged("loss")
+        return loss if loss is not None else (self.train_metrics or {}).get("train_loss")
+
+    def _eval_loss(self) -> float | None:
+        """The last `eval_loss`; with a dict of eval sets (`eval_<set>_loss` each), the first set's."""
+        loss = self.last_logged("eval_loss")
+        if loss is not None or self.state is None:
+            return loss
+        for entry in reversed(self.state.log_history):
+            key = next((k for k in entry if k.startswith("eval_") and k.endswith("_loss")), None)
+            if key is not None:
+                return entry[key]
+        return None
 
     def result(self) -> dict[str, Any]:
         """One row of `trainer.results()`."""
@@ -103,8 +134,8 @@ class Run:
             "status": self.status,
             "global_step": self.global_step,
             "max_steps": self.plan.max_steps,
-            "train_loss": self.last_logged("loss"),
-            "eval_loss": self.last_logged("eval_loss"),
+            "train_loss": self._train_loss(),
+            "eval_loss": self._eval_loss(),
             "chunks_done": self.slices_done,
             "parent": self.spec.parent,
             "wall_time": round(self.wall_time, 3),

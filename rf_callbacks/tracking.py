@@ -120,8 +120,9 @@ class TrackingMixin:
         run = self._rf_active
         if run is None or self._rf_ledger is None:
             return
-        step, chunk = self.state.global_step, run.current_chunk
-        self._rf_ledger.write(run.name, step, chunk, "log", epoch_index=run.current_epoch, **logs)
+        step = self.state.global_step
+        epoch, chunk = divmod(run.slice_of_step(step), run.plan.num_chunks)
+        self._rf_ledger.write(run.name, step, chunk, "log", epoch_index=epoch, **logs)
         for reporter in self._rf_reporters:
             reporter.log(run, step, chunk, logs)
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from trl.data_utils import is_conversational
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import create_model_from_path
 
-from .adapters import attach_adapters
+from .adapters import attach_adapters, remove_adapters
 from .configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from .mixin import RUN_ATTRIBUTES, MultiConfigMixin
 from .oom import init_oom_retry
@@ -61,6 +62,20 @@ def _validate_setup(
         raise ValueError("load_best_model_at_end=True is not supported with several runs; compare runs with results()")
 
 
+def _validate_sft_specs(specs: list[RunSpec], compute_loss_func: Callable | None = None) -> None:
+    """Refuse, before any work, per-run SFT values that `SFTTrainer` would refuse only while preparing or training."""
+    for index, spec in enumerate(specs):
+        where, args = f"configs[{index}] ({spec.name!r})", spec.args
+        if args.loss_type not in ("nll", "dft"):
+            raise ValueError(f"{where}: loss_type={args.loss_type!r} is invalid; use 'nll' or 'dft'")
+        if args.loss_type == "dft" and compute_loss_func is not None:
+            raise ValueError(f"{where}: loss_type='dft' cannot be combined with compute_loss_func")
+        if args.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(
+                f"{where}: truncation_mode={args.truncation_mode!r} is invalid; use 'keep_start' or 'keep_end'"
+            )
+
+
 def _refuse_fused(fused: bool, trainer: str) -> None:
     if fused:
         raise ValueError(
@@ -79,6 +94,29 @@ def _coerce_args(model: Any, args: TrainingArguments | None, config_class: type,
     as_dict = args.to_dict()
     as_dict["hub_token"] = args.hub_token
     return config_class(**as_dict)
+
+
+def _checked_model(init: Callable) -> Callable:
+    """Refuse a `model` that is neither a hub id / path nor a model, and make a trainer that refuses to build (bad
+    `num_chunks`, data...) leave the caller's model as it was: PEFT injects the runs' LoRA layers into it in place,
+    and the user fixing the value and retrying must not find them there."""
+
+    @functools.wraps(init)
+    def wrapped(self, model, *args, **kwargs) -> None:
+        if not isinstance(model, (str, torch.nn.Module)):
+            raise ValueError(
+                f"model must be a hub id, a local path or a transformers model, got {type(model).__name__}"
+            )
+        injected = isinstance(model, PreTrainedModel) and not hasattr(model, "peft_config")
+        requires_grad = {name: p.requires_grad for name, p in model.named_parameters()} if injected else {}
+        try:
+            init(self, model, *args, **kwargs)
+        except BaseException:
+            if injected:
+                remove_adapters(model, requires_grad)
+            raise
+
+    return wrapped
 
 
 def _attach_run_adapters(model: PreTrainedModel, specs: list[RunSpec]) -> PreTrainedModel:
@@ -226,6 +264,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
     per_run_fields = SFT_PER_RUN_FIELDS
     run_attributes = RUN_ATTRIBUTES + ("_metrics", "_total_train_tokens")
 
+    @_checked_model
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -260,6 +299,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
         specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
+        _validate_sft_specs(specs, compute_loss_func)
         _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer, oom_retry)
         if train_dataset is None:
             raise ValueError("train_dataset is required")
@@ -299,6 +339,9 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             parallel,
         )
         init_oom_retry(self, oom_retry)
+
+    def _check_run_spec(self, spec: RunSpec) -> None:
+        _validate_sft_specs([spec], self.compute_loss_func)
 
     # Per-run data: `max_length`, `truncation_mode`, `completion_only_loss` and `assistant_only_loss` are applied when
     # `SFTTrainer` prepares (tokenizes, masks, truncates) the data, so runs that differ in them get their own copy.
@@ -425,6 +468,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     run_attributes = RUN_ATTRIBUTES + ("_metrics", "_total_train_tokens", "data_collator") + _DPO_LOSS_ATTRIBUTES
     result_metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
+    @_checked_model
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -522,6 +566,11 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                         row[logged] = value
             rows.append(row)
         return rows
+
+    def _check_run_spec(self, spec: RunSpec) -> None:
+        from .preference import validate_dpo_specs
+
+        validate_dpo_specs([spec])
 
     # Per-run data: `max_length` and `truncation_mode` decide which rows `DPOTrainer._prepare_dataset` keeps (with
     # `keep_start`, rows whose prompt fills `max_length` are dropped), so runs that differ in them get their own copy.
@@ -729,6 +778,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     run_attributes = RUN_ATTRIBUTES + _GRPO_RUN_ATTRIBUTES
     result_metrics = ("reward", "reward_std", "completions/mean_length", "kl")
 
+    @_checked_model
     def __init__(
         self,
         model: str | PreTrainedModel,
@@ -819,7 +869,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             self.per_run_fields,
             lambda name: runs_dir / name,
         )
-        validate_grpo_specs(specs, num_rewards)
+        validate_grpo_specs(specs, num_rewards, evaluates=eval_dataset is not None)
         refuse_ref_name(specs)
         _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer)
         if train_dataset is None:
@@ -850,6 +900,11 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         )
         # Clones (IC ops) build their arguments from the shared ones as the configs above were built.
         self._rf_shared_args = template
+
+    def _check_run_spec(self, spec: RunSpec) -> None:
+        from .preference import validate_grpo_specs
+
+        validate_grpo_specs([spec], len(self.reward_funcs), evaluates=self.eval_dataset is not None)
 
     def _activate(self, run) -> None:
         super()._activate(run)

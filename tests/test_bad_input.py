@@ -63,6 +63,11 @@ def build(make_model, tokenizer, chat_data, sft_args):
             [{"name": "x", "peft_config": LoraConfig(target_modules=["query_key_value"])}],
             "run 'x': its peft_config cannot be applied to this model",
         ),
+        ([{"peft_config": lora(), "loss_type": "foo"}], "loss_type='foo' is invalid; use 'nll' or 'dft'"),
+        ([{"peft_config": lora(), "truncation_mode": "middle"}], "truncation_mode='middle' is invalid"),
+        ([{"peft_config": lora(), "learning_rate": None}], "configs[0] ('run-1'): learning_rate=None is invalid"),
+        ([{"peft_config": lora(), "logging_steps": None}], "logging_steps=None is invalid"),
+        ([{"peft_config": lora(), "beta": 0.1}], "'beta' is a field of DPOConfig, not of SFTConfig"),
     ],
 )
 def test_bad_configs_are_refused(build, configs, message):
@@ -103,3 +108,27 @@ def test_a_peft_model_is_refused(build, make_model, tokenizer, chat_data, sft_ar
             processing_class=tokenizer,
             configs=[{"peft_config": lora()}],
         )
+
+
+def test_a_refused_trainer_leaves_the_model_as_it_was(build, make_model, tokenizer, chat_data, sft_args):
+    """PEFT injects LoRA layers into the caller's model in place: a refusal after that takes them out again, so the
+    user can fix the value and build again with the same model."""
+    model = make_model()
+    names = [name for name, _ in model.named_modules()]
+    kwargs = dict(args=sft_args(), train_dataset=chat_data[0], processing_class=tokenizer)
+    missing = LoraConfig(r=4, target_modules=["nope"])
+    for configs, num_chunks in (
+        ([{"peft_config": lora()}], 25),
+        ([{"peft_config": lora()}, {"peft_config": missing}], 2),
+    ):
+        with pytest.raises(ValueError):
+            RFSFTTrainer(model=model, configs=configs, num_chunks=num_chunks, **kwargs)
+        assert [name for name, _ in model.named_modules()] == names and not hasattr(model, "peft_config")
+        assert all(param.requires_grad for param in model.parameters())
+    RFSFTTrainer(model=model, configs=[{"peft_config": lora()}], num_chunks=2, **kwargs)
+
+
+@pytest.mark.parametrize("model", [None, 42])
+def test_a_model_that_is_not_a_model_is_refused(model, tokenizer, chat_data, sft_args):
+    with pytest.raises(ValueError, match="model must be a hub id, a local path or a transformers model, got"):
+        RFSFTTrainer(model=model, args=sft_args(), train_dataset=chat_data[0], processing_class=tokenizer)

@@ -15,6 +15,8 @@ from transformers import set_seed
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
+from rf_callbacks.plotting import ledger_figure
+from rf_callbacks.reporting import read_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,6 +47,28 @@ def experiment(tokenizer, chat_data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def chunked(tokenizer, chat_data, tmp_path_factory) -> Path:
+    """An output folder with chunks of 3 steps and a log every 2: run `long` (8 steps) ends mid-chunk, run `short`
+    (6 steps) at a chunk's end."""
+    out = tmp_path_factory.mktemp("cli-chunks") / "out"
+    set_seed(0)
+    trainer = RFSFTTrainer(
+        model=build_tiny_model(tokenizer),
+        args=cpu_sft_config(out, max_steps=8, logging_steps=2),
+        train_dataset=chat_data[0],
+        eval_dataset=chat_data[1],
+        processing_class=tokenizer,
+        configs=[
+            {"name": "long", "peft_config": LoraConfig(r=4, target_modules=["q_proj"])},
+            {"name": "short", "peft_config": LoraConfig(r=4, target_modules=["q_proj"]), "max_steps": 6},
+        ],
+        num_chunks=8,  # 96 rows / batch 4 = 24 steps per epoch
+    )
+    trainer.train()
+    return out
+
+
 def leaderboard_runs(stdout: str) -> list[str]:
     """Run names of a leaderboard, in rank order (lines after the header and its dashes)."""
     return [line.split()[1] for line in stdout.strip().splitlines()[2:]]
@@ -60,6 +84,29 @@ def test_plot_writes_a_png(experiment, tmp_path):
     result = rf_callbacks("plot", "--dir", experiment)  # default: train and eval loss, in <dir>/plot.png
     assert result.returncode == 0, result.stderr
     assert (experiment / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_draws_the_ledgers_boundaries(chunked):
+    """The dotted lines sit at the ledger's `boundary` events: not at the next log (4 and 8, `logging_steps` late), and
+    not at a run's end (6 for `short`, whose last chunk ends there; 8 for `long`)."""
+    expected: dict[str, set[float]] = {}
+    for record in read_ledger(chunked / "ledger.jsonl"):
+        if record["event"] == "boundary":
+            expected.setdefault(record["run"], set()).add(record["step"])
+    assert expected == {"long": {3, 6}, "short": {3}}
+
+    fig = ledger_figure(chunked / "ledger.jsonl", metrics=("loss", "eval_loss"))
+    assert len(fig.axes) == 2
+    for ax in fig.axes:
+        run_of = {line.get_color(): line.get_label() for line in ax.lines if line.get_linestyle() != ":"}
+        assert set(run_of.values()) == {"long", "short"}
+        drawn: dict[str, set[float]] = {}
+        for line in ax.lines:
+            if line.get_linestyle() == ":":
+                start, end = line.get_xdata()
+                assert start == end  # vertical
+                drawn.setdefault(run_of[line.get_color()], set()).add(start)
+        assert drawn == expected, ax.get_ylabel()
 
 
 def test_results_ranks_runs_by_the_metric(experiment):

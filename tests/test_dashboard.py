@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import json
 import os
 import re
@@ -314,6 +315,42 @@ def test_no_training_answers_503_with_the_saved_results(finished, tmp_path):
     with pytest.raises(urllib.error.URLError):  # stopped: the port is closed
         urllib.request.urlopen(url, timeout=5)
     assert dashboard.url is None
+
+
+def test_head_is_get_without_a_body_and_options_is_not_allowed(tmp_path):
+    with Dashboard(tmp_path, token="fixed-token") as dashboard:
+        port = int(dashboard.url.split(":")[2].split("/")[0])
+
+        def ask(method: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                connection.request(method, path, headers=headers or {})
+                response = connection.getresponse()
+                return response.status, dict(response.getheaders()), response.read()
+            finally:
+                connection.close()
+
+        token = {"X-RF-Token": "fixed-token"}
+        for path, headers in [("/?token=fixed-token", {}), ("/", {}), ("/api/runs", token), ("/api/runs", {})]:
+            status, got, body = ask("GET", path, headers)
+            head_status, head_headers, head_body = ask("HEAD", path, headers)
+            assert head_body == b"" and head_status == status, path
+            assert {k: v for k, v in head_headers.items() if k != "Date"} == {
+                k: v for k, v in got.items() if k != "Date"
+            }, path
+            assert int(head_headers["Content-Length"]) == len(body) > 0, path
+        assert [ask("HEAD", path)[0] for path in ("/", "/?token=wrong", "/api/status")] == [403, 403, 403]
+        assert ask("HEAD", "/api/runs", token)[0] == 503  # no training: as GET
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:  # not one byte of body
+            connection.sendall(b"HEAD /?token=fixed-token HTTP/1.0\r\n\r\n")
+            answer = b"".join(iter(lambda: connection.recv(4096), b""))
+        assert answer.startswith(b"HTTP/1.0 200") and answer.endswith(b"\r\n\r\n"), answer[-200:]
+
+        for path, headers in [("/", {}), ("/api/op", token)]:
+            status, got, body = ask("OPTIONS", path, headers)
+            assert status == 405 and got["Allow"] == "GET, HEAD, POST", path
+            assert json.loads(body) == {"ok": False, "error": "use GET or POST"}
 
 
 def test_saved_runs_ignore_op_records(tmp_path):

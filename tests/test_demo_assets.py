@@ -155,6 +155,8 @@ def _synthetic_ledger(path: Path) -> Path:
                           "loss": scale * (3.0 - 0.04 * step), "learning_rate": 1e-3, "grad_norm": 0.5})  # fmt: skip
             if step % 10 == 0:
                 lines.append({"run": run, "step": step, "chunk": chunk, "event": "log", "eval_loss": scale * 2.5})
+            if step % 10 == 0 and step < 40:  # as the trainer writes them: the step where the chunk ended
+                lines.append({"run": run, "step": step, "chunk": chunk + 1, "event": "boundary"})
     lines += [
         {"run": "r8-lr1e-3", "step": 40, "chunk": 3, "event": "status", "status": "completed"},
         {"run": "r8-lr1e-3", "step": 40, "chunk": 3, "event": "op", "op": "clone"},  # unknown event: ignored
@@ -173,7 +175,7 @@ def test_read_ledger_finds_points_and_chunk_boundaries(tmp_path):
     assert series["loss"]["lonely"] == {5: 2.0}
     assert "diverged" not in series["loss"]
     assert sorted(series["eval_loss"]["r16-lr1e-4"]) == [10, 20, 30, 40]
-    assert boundaries["r8-lr1e-3"] == [11, 21, 31]
+    assert boundaries["r8-lr1e-3"] == [10, 20, 30]
 
 
 def test_plot_ledger_writes_png(tmp_path):

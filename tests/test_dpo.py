@@ -313,3 +313,26 @@ def test_policies_steer_dpo_runs(make_model, tokenizer, prefs, tmp_path):
     assert len(stopped) == 1 and stopped[0]["global_step"] == 3
     assert stopped[0]["reason"].startswith("stopped by SuccessiveHalving at chunk 1 (rung 0, kept 1 of 2): loss")
     assert sum(row["status"] == "completed" for row in rows.values()) == 1
+
+
+def test_run_whose_data_truncation_leaves_no_pair_is_refused(make_model, tokenizer, prefs, tmp_path):
+    """TRL drops pairs that `max_length` truncates to nothing: a run left without a batch is refused up front (it used
+    to loop forever), and a clone in that state fails alone."""
+    configs = [{"name": "ok", "peft_config": lora()}, {"name": "tiny", "peft_config": lora(), "max_length": 4}]
+    with pytest.raises(ValueError, match="run 'tiny' has no training batch: its training set has 0 rows"):
+        RFDPOTrainer(
+            model=make_model(), args=dpo_config(tmp_path / "out"), train_dataset=prefs[0], processing_class=tokenizer,
+            configs=configs,
+        )  # fmt: skip
+
+    args = dpo_config(tmp_path / "clone", max_steps=4)
+    set_seed(args.seed)
+    trainer = RFDPOTrainer(
+        model=make_model(), args=args, train_dataset=prefs[0], processing_class=tokenizer, configs=configs[:1],
+        num_chunks=2,
+    )  # fmt: skip
+    trainer.clone("ok", {"max_length": 4}, name="tiny")
+    trainer.train()
+    rows = {row["name"]: row for row in trainer.results()}
+    assert rows["ok"]["status"] == "completed" and rows["tiny"]["status"] == "failed"
+    assert "has no training batch" in rows["tiny"]["error"]

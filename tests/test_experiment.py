@@ -281,3 +281,53 @@ def test_run_fit_takes_policies(rows, tmp_path):
     # fused: both runs start together (in rotation run-2 starts after run-1's first chunk)
     assert [(e["run"], e.get("status")) for e in ledger[:2]] == [("run-1", "running"), ("run-2", "running")]
     assert policies[0].rung == 0  # each group got its own copy; the caller's object is untouched
+
+
+def test_clones_made_while_a_group_trains_get_run_ids(rows, tmp_path):
+    """A clone (an IC op, a policy such as `Explore`) joins `get_runs_info()`/`get_results()` with the next run id."""
+    from rf_callbacks.policies import Explore
+
+    train_dataset, eval_dataset = rows
+    configs = List(
+        [
+            RFModelConfig(
+                model_name="tiny", peft_config=RFLoraConfig(r=4, lora_alpha=8, **LORA),
+                training_args=sft(learning_rate=lr), formatting_func=to_prompt_completion,
+            )
+            for lr in (1e-2, 1e-5)
+        ]
+    )  # fmt: skip
+    experiment = Experiment(experiment_name="explore", experiment_path=tmp_path)
+    experiment.run_fit(configs, ModelFactory(), train_dataset, eval_dataset, num_chunks=4, policies=[Explore(top=1)])
+    info = experiment.get_runs_info().set_index("run_id")
+    clones = info[info["parent"].notna()]
+    assert len(clones) >= 1 and list(clones.index) == list(range(3, 3 + len(clones)))
+    assert set(clones["status"]) == {"completed"} and set(clones["group"]) == {"group-1"}
+    assert clones.iloc[0]["config"]["model_name"] == "tiny" and clones.iloc[0]["run_name"].startswith("run-")
+    assert set(experiment.get_results()["run_id"]) == set(info.index)
+    saved = json.loads((tmp_path / "explore" / "runs.json").read_text())["runs"]
+    assert len(saved) == len(info) and all(r["status"] in ("completed", "stopped") for r in saved)
+
+
+@pytest.mark.parametrize(
+    ("create_model_fn", "message"),
+    [
+        (lambda config: None, "create_model_fn failed: ValueError: create_model_fn returned NoneType"),
+        (
+            lambda config: build_tiny_model(build_tokenizer()),
+            "create_model_fn returned no tokenizer for model 'tiny'",
+        ),
+        (lambda config: 1 / 0, "create_model_fn failed: ZeroDivisionError"),
+    ],
+)
+def test_a_failing_create_model_fn_fails_its_runs_with_the_reason(rows, tmp_path, create_model_fn, message):
+    train_dataset, _ = rows
+    leaf = RFModelConfig(
+        model_name="tiny", peft_config=RFLoraConfig(r=4, **LORA), training_args=sft(),
+        formatting_func=to_prompt_completion,
+    )  # fmt: skip
+    experiment = Experiment(experiment_name="broken", experiment_path=tmp_path)
+    experiment.run_fit(List([leaf]), create_model_fn, train_dataset, num_chunks=2)
+    (row,) = experiment.get_runs_info().to_dict("records")
+    assert row["status"] == "failed" and message in row["error"]
+    assert json.loads((tmp_path / "broken" / "runs.json").read_text())["runs"][0]["status"] == "failed"

@@ -276,7 +276,7 @@ def test_fused_checkpoint_resume_is_exact(tokenizer, chat_data, sft_args, tmp_pa
 
 def test_fused_refusals(make_model, tokenizer, chat_data, sft_args):
     with pytest.raises(ValueError, match="fused=True is not supported by RFGRPOTrainer"):
-        RFGRPOTrainer(model=None, fused=True)
+        RFGRPOTrainer(model=make_model(), fused=True)
     kwargs = dict(train_dataset=chat_data[0], processing_class=tokenizer, configs=copy.deepcopy(FOUR_RUNS[:2]))
     with pytest.raises(ValueError, match="max_fused=0 is invalid"):
         RFSFTTrainer(model=make_model(), args=sft_args(), fused=True, max_fused=0, **kwargs)

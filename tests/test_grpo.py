@@ -17,6 +17,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rf_callbacks import RFGRPOTrainer
 from rf_callbacks.demo import load_instructions
+from rf_callbacks.ops import OpError
 
 
 def correct(completions, answer, **kwargs):
@@ -211,6 +212,9 @@ def test_negative_control_unparked_generation_buffer_breaks_rotation(
         ({"generation_batch_size": 6}, "generation_batch_size=6 is invalid"),
         ({"use_vllm": True}, "cannot differ per run in one process (the generation backend"),
         ({"temprature": 0.5}, "unknown field 'temprature'; did you mean 'temperature'?"),
+        ({"top_k": -1}, "top_k=-1 is invalid"),
+        ({"importance_sampling_level": "word"}, "importance_sampling_level='word' is invalid"),
+        ({"completion_only_loss": True}, "'completion_only_loss' is a field of SFTConfig, not of GRPOConfig"),
     ],
 )
 def test_bad_per_run_grpo_field_is_refused(make_model, tokenizer, prompts, tmp_path, override, message):
@@ -303,3 +307,20 @@ def test_interrupted_grpo_experiment_resumes_bit_for_bit(make_model, tokenizer, 
     again = build(broken)
     again.train(resume_from_checkpoint=True)
     assert max_abs_diff(adapter_weights(reference.model, "a"), adapter_weights(again.model, "a")) > 1e-4
+
+
+def test_eval_generations_are_checked_when_boundaries_evaluate(make_model, tokenizer, prompts, tmp_path):
+    """`GRPOConfig` checks the eval batch only with an eval strategy; chunk boundaries evaluate without one."""
+    configs = [
+        {"name": "ok", "peft_config": lora()},
+        {"name": "bad", "peft_config": lora(), "num_generations_eval": 3},
+    ]
+    args = grpo_config(tmp_path / "out", per_device_eval_batch_size=8)
+    build = dict(
+        model=make_model(), reward_funcs=REWARDS, args=args, train_dataset=prompts, processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match=r"configs\[1\] \('bad'\): num_generations_eval=3 is invalid; the run is"):
+        RFGRPOTrainer(**build, eval_dataset=prompts.select(range(8)), configs=configs)
+    trainer = RFGRPOTrainer(**build, eval_dataset=prompts.select(range(8)), configs=configs[:1])
+    with pytest.raises(OpError, match=r"clone \('ok-clone-1'\): temperature=0.0 is invalid"):
+        trainer.clone("ok", {"temperature": 0.0})

@@ -18,6 +18,7 @@ from rf_callbacks.policies import (
     DivergenceGuard,
     Explore,
     MedianStopping,
+    MetricError,
     Policy,
     RunView,
     SuccessiveHalving,
@@ -142,6 +143,45 @@ def test_explore_replaces_worst_with_perturbed_warm_clones_of_best():
     assert Explore(top=3).on_boundary(view({"a": 1.0, "b": 2.0}, 2))[0].run == "b"  # at most half the runs
 
 
+def test_a_metric_never_logged_or_nan_everywhere_is_not_ranked():
+    values = {"a": 3.0, "b": 1.0, "c": 2.0, "d": 4.0}
+    typo = SuccessiveHalving(metric="eval_los")
+    with pytest.raises(MetricError) as error:  # was: stop c and d "eval_los nan > cut nan", i.e. creation order
+        typo.on_boundary(view(values, 1))
+    assert str(error.value) == (
+        "metric 'eval_los' was not logged by any run at rung 0 (chunk 1) (logged: eval_loss); "
+        "did you mean 'eval_loss'?"
+    )
+    assert typo.rung == 0
+    assert [op.run for op in SuccessiveHalving().on_boundary(view(values, 1))] == ["a", "d"]  # the right name halves
+    for policy in (MedianStopping(metric="eval_los"), Explore(metric="eval_los")):
+        with pytest.raises(MetricError, match="metric 'eval_los' was not logged by any run at chunk 2"):
+            policy.on_boundary(view(values, 2))
+    with pytest.raises(MetricError, match=r"'eval_loss' is missing or NaN for every active run at rung 0 \(chunk 1\)"):
+        SuccessiveHalving().on_boundary(view({"a": math.nan, "b": None}, 1))
+    with pytest.raises(
+        MetricError, match="metric 'los' was not logged by any run at chunk 1 of a .*did you mean 'loss'"
+    ):
+        DivergenceGuard(metric="los").on_boundary(view({"a": 4.0}, 1, metric="loss"))
+
+    # Nothing of its kind logged yet (a logging_steps longer than a chunk): wait, then judge the rung.
+    policy = SuccessiveHalving(metric="loss")
+    assert policy.on_boundary(view(values, 1)) == [] and policy.rung == 0
+    assert DivergenceGuard().on_boundary(view(values, 1)) == []
+    assert MedianStopping(metric="loss").on_boundary(view(values, 1)) == []
+    ops = policy.on_boundary(view({"a": 3.0, "b": None, "c": 2.0, "d": 4.0}, 2, metric="loss"))
+    assert [op.run for op in ops] == ["d", "b", "a"]  # rungs 0 and 1 in turn; a run without a value ranks last
+    assert ops[1].reason.endswith("(rung 0, kept 2 of 4): no loss value (ranks last)")
+
+
+def test_explore_perturb_keys_are_checked_against_the_trainer():
+    dpo = SimpleNamespace(per_run_fields=frozenset({"learning_rate", "beta"}), args=SimpleNamespace(beta=0.1))
+    dpo.args.learning_rate = 1e-3
+    Explore(perturb={"beta": (0.5, 2.0)}).check_trainer(dpo)
+    with pytest.raises(ValueError, match="'learing_rate' is not a field a SimpleNamespace run can override; did you"):
+        Explore(perturb={"learing_rate": (2.0,)}).check_trainer(dpo)
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -152,6 +192,17 @@ def test_explore_replaces_worst_with_perturbed_warm_clones_of_best():
         (lambda: DivergenceGuard(max_ratio=0.5), "max_ratio must be a number > 1, got 0.5"),
         (lambda: Explore(top=1.5), "top must be a fraction in (0, 1) or a count >= 1, got 1.5"),
         (lambda: Explore(perturb={"learning_rate": ()}), "perturb['learning_rate'] must be a non-empty tuple"),
+        (lambda: SuccessiveHalving(metric=None), "metric must be the non-empty name of a logged value (e.g. 'eval_"),
+        (
+            lambda: MedianStopping(metric=" "),
+            "metric must be the non-empty name of a logged value (e.g. 'eval_loss'),",
+        ),
+        (
+            lambda: DivergenceGuard(metric=5),
+            "metric must be the non-empty name of a logged value (e.g. 'eval_loss'), ",
+        ),
+        (lambda: Explore(perturb={"max_steps": (2.0,)}), "perturb key 'max_steps' is invalid; use a training argum"),
+        (lambda: Explore(perturb=["learning_rate"]), "perturb must be a dict of field -> factors, got ['learning_r"),
     ],
 )
 def test_bad_policy_arguments(make, message):
@@ -302,6 +353,24 @@ def test_a_nan_loss_fails_only_its_run(tokenizer, chat_data, sft_args, tmp_path)
     assert status[-1]["error"] == "FloatingPointError: loss is nan at step 5"
 
 
+def test_a_misspelt_metric_stops_nothing_and_says_why_once(tokenizer, chat_data, sft_args, tmp_path):
+    policies = [SuccessiveHalving(metric="eval_los"), DivergenceGuard(metric="los")]
+    trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path, policies, four_configs()[:2])
+    trainer.train()
+    assert [row["status"] for row in trainer.results()] == ["completed", "completed"]
+    records = read_ledger(tmp_path / "ledger.jsonl")
+    assert not [r for r in records if r["event"].startswith("op")]
+    errors = {r["policy"]: r["error"] for r in records if r["event"] == "policy_error"}
+    assert len([r for r in records if r["event"] == "policy_error"]) == 2  # once each, then disabled
+    assert errors["SuccessiveHalving"].startswith(
+        "MetricError: metric 'eval_los' was not logged by any run at rung 0 (chunk 1) (logged: eval_entropy, "
+    )
+    assert errors["SuccessiveHalving"].endswith("did you mean 'eval_loss'?")
+    assert errors["DivergenceGuard"].startswith(
+        "MetricError: metric 'los' was not logged by any run at chunk 1 of lr0"
+    )
+
+
 def test_explore_end_to_end(tokenizer, chat_data, sft_args, tmp_path):
     policy = Explore(top=1, interval=2, perturb={"learning_rate": (2.0,)})
     trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path, [policy], four_configs()[:3])
@@ -323,3 +392,12 @@ def test_policies_are_checked_before_training(tokenizer, chat_data, sft_args, tm
         trainer_with(tokenizer, chat_data, sft_args, tmp_path, [SuccessiveHalving()], eval_set=False)
     with pytest.raises(ValueError, match=r"policies\[1\] must have an on_boundary\(view\) method, got str"):
         trainer_with(tokenizer, chat_data, sft_args, tmp_path, [DivergenceGuard(), "halving"])
+    with pytest.raises(ValueError, match=r"policies\[0\] \(Explore\): perturb key 'learing_rate' is not a field a "
+                       r"RFSFTTrainer run can override; did you mean 'learning_rate'\?"):  # fmt: skip
+        trainer_with(tokenizer, chat_data, sft_args, tmp_path, [Explore(perturb={"learing_rate": (2.0,)})])
+    with pytest.raises(ValueError, match="perturb key 'beta' is not a field a RFSFTTrainer run can override$"):
+        trainer_with(tokenizer, chat_data, sft_args, tmp_path, [Explore(perturb={"beta": (2.0,)})])  # a DPO field
+    with pytest.raises(
+        ValueError, match="'optim': its value is multiplied, but args.optim is a OptimizerNames, not a number$"
+    ):
+        trainer_with(tokenizer, chat_data, sft_args, tmp_path, [Explore(perturb={"optim": (2.0,)})])

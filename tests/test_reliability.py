@@ -4,6 +4,7 @@ valid IC ops during a 6-run training that must leave a state consistent with the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from peft import LoraConfig
 from test_control import Running, live_trainer, raw
+from transformers import TrainerCallback
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.control.client import request
@@ -181,3 +183,46 @@ def test_a_clone_whose_adapter_cannot_be_built_fails_alone(tokenizer, chat_data,
     assert child not in trainer.model.peft_config
     status = [r for r in read_ledger(tmp_path / "ledger.jsonl") if r["event"] == "status" and r["run"] == child]
     assert status[-1]["status"] == "failed" and "injected" in status[-1]["error"]
+
+
+class RaiseAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError(f"boom at {self.step}")
+
+
+def test_an_error_with_one_run_propagates_and_the_run_ends_failed(tokenizer, chat_data, sft_args, tmp_path):
+    trainer = RFSFTTrainer(
+        model=build_tiny_model(tokenizer), args=sft_args(output_dir=str(tmp_path), max_steps=6),
+        train_dataset=chat_data[0], processing_class=tokenizer,
+        peft_config=LoraConfig(r=2, target_modules=["q_proj"]), callbacks=[RaiseAt(2)], control_socket=False,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="boom at 2"):
+        trainer.train()
+    (row,) = trainer.results()
+    assert row["status"] == "failed" and row["error"] == "RuntimeError: boom at 2" and row["global_step"] == 2
+    status = [r for r in read_ledger(tmp_path / "ledger.jsonl") if r["event"] == "status"]
+    assert [r["status"] for r in status] == ["running", "failed"]
+    assert json.loads((tmp_path / "runs" / "run-1" / "run.json").read_text())["status"] == "failed"
+
+
+def test_an_evaluation_that_fails_at_a_boundary_fails_its_run_alone(tokenizer, chat_data, sft_args, tmp_path):
+    def compute_metrics(prediction):
+        if trainer.runs["bad"] is trainer._rf_active:
+            raise ValueError("metric broke")
+        return {"rows": float(len(prediction.label_ids))}
+
+    trainer = RFSFTTrainer(
+        model=build_tiny_model(tokenizer), args=sft_args(output_dir=str(tmp_path), max_steps=24),
+        train_dataset=chat_data[0], eval_dataset=chat_data[1], processing_class=tokenizer,
+        configs=[{"name": n, "peft_config": LoraConfig(r=2, target_modules=["q_proj"])} for n in ("bad", "good")],
+        num_chunks=2, compute_metrics=compute_metrics, control_socket=False,
+    )  # fmt: skip
+    trainer.train()
+    rows = {row["name"]: row for row in trainer.results()}
+    assert rows["bad"]["status"] == "failed" and rows["bad"]["error"] == "ValueError: metric broke"
+    assert rows["good"]["status"] == "completed" and rows["good"]["global_step"] == 24
+    assert [e["eval_rows"] for e in trainer.runs["good"].state.log_history if "eval_rows" in e] == [16.0, 16.0]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from peft import LoraConfig
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
@@ -50,6 +50,7 @@ def test_mlflow_gets_one_run_per_config(tokenizer, chat_data, sft_args, tmp_path
         assert [m.value for m in history] == pytest.approx([loss for _, loss in expected])
         assert client.get_metric_history(run.info.run_id, "eval/loss")
         chunks = {float(r["chunk"]) for r in ledger if r["run"] == name and r["event"] == "log"}
+        assert chunks == {0.0}  # 6 of the epoch's 24 steps: every log (the final summary too) is in chunk 0
         assert {m.value for m in client.get_metric_history(run.info.run_id, "chunk")} == chunks
     assert runs["b"].data.params["learning_rate"] == "0.005"
 
@@ -191,6 +192,29 @@ def test_trackio_gets_one_run_per_config(tokenizer, chat_data, sft_args, tmp_pat
         losses = [(row["step"], row["train/loss"]) for row in logs if "train/loss" in row]
         assert losses == logged_losses(ledger, name)
         assert any("eval/loss" in row for row in logs) and all("chunk" in row for row in logs)
+
+
+def test_a_run_that_fails_before_logging_still_shows_in_trackio(tokenizer, chat_data, sft_args, tmp_path):
+    import trackio
+    from trackio.sqlite_storage import SQLiteStorage
+
+    class FailBad(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if Path(args.output_dir).name == "bad":
+                raise RuntimeError("broken before its first log")
+
+    trainer = RFSFTTrainer(
+        model=build_tiny_model(tokenizer), args=sft_args(output_dir=str(tmp_path), max_steps=2, report_to="trackio",
+        run_name="rf-trackio-failed"), train_dataset=chat_data[0], processing_class=tokenizer, callbacks=[FailBad()],
+        configs=[{"name": n, "peft_config": LoraConfig(r=4, target_modules=["q_proj"])} for n in ("ok", "bad")],
+        num_chunks=2,
+    )  # fmt: skip
+    trainer.train()
+    trainer.close()
+    runs = {run.name: run for run in trackio.Api().runs("rf-trackio-failed")}
+    assert set(runs) == {"ok", "bad"} and runs["bad"].config["r"] == 4
+    logs = SQLiteStorage.get_logs("rf-trackio-failed", "bad", run_id=runs["bad"].id)
+    assert [(row["step"], row["rf/failed"]) for row in logs] == [(1, 1.0)]  # it failed in its first step
 
 
 def test_missing_backend_library_names_the_extra(tokenizer, chat_data, sft_args, monkeypatch):

@@ -66,6 +66,21 @@ def test_results(trained):
     assert set(output.metrics) == {"a/train_loss", "b/train_loss"}
 
 
+def test_runs_maps_names_to_runs(trained):
+    trainer, _, _ = trained
+    runs = trainer.runs
+    assert "a" in runs and "b" in runs and "zzz" not in runs
+    assert runs["a"] in runs  # a Run object works too
+    assert len(runs) == 2 and list(runs.keys()) == ["a", "b"]
+    assert [(name, run.name) for name, run in runs.items()] == [("a", "a"), ("b", "b")]
+    assert [run.name for run in runs] == [run.name for run in runs.values()] == ["a", "b"]  # iterating yields runs
+    with pytest.raises(KeyError, match="unknown run 'zzz'; runs are"):
+        runs["zzz"]
+    # short, unlike the dataclass repr, which printed every parked tensor
+    assert repr(runs["a"]) == "Run(name='a', status='completed', global_step=12/12, chunks_done=2)"
+    assert repr(runs).startswith("Coordinator([Run(name='a', ") and len(repr(runs)) < 300
+
+
 def test_each_run_is_evaluated_at_every_boundary(trained):
     trainer, _, _ = trained
     for run in trainer.runs:

@@ -287,11 +287,6 @@ def plan_jobs(
                 spec.args.num_train_epochs,
                 spec.args.dataloader_drop_last,
             )
-            if plan.steps_per_epoch < num_chunks:
-                raise ValueError(
-                    f"num_chunks={num_chunks} is more than run {spec.name!r} has optimizer steps per epoch "
-                    f"({plan.steps_per_epoch}: {len(train)} rows, batch size {plan.batch_size}, gradient accumulation "
-                    f"{plan.grad_accum}); lower num_chunks to at most {plan.steps_per_epoch}"
-                )
+            plan.check(spec.name)
         jobs.append(Job(group, out, args, configs, train, evals))
     return jobs

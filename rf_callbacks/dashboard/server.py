@@ -8,6 +8,8 @@ GET  /api/metrics?run=R&last=N    last N log entries per run     -> control op `
 POST /api/op   {"op": "stop", "run": "b"}                       -> control ops stop / resume / delete / clone
 ```
 
+`HEAD` answers as `GET` without the body; any other method (`OPTIONS`, `PUT`, ...) gets 405 with an `Allow` header.
+
 Every request needs the token, as `?token=T` or as the `X-RF-Token` header (the page sends the header); without it
 the answer is 403. The API forwards each request to the training's control socket (`<output_dir>/control.sock`) with
 `"by": "dashboard"`, so the ledger records who issued an op. When no training is running the API answers 503 with
@@ -47,6 +49,7 @@ _CSP = (
     "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 _FULL_HISTORY = 1_000_000  # `last` that means "everything"
+_ALLOW = "GET, HEAD, POST"
 
 
 class Dashboard:
@@ -270,10 +273,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(HTTPStatus.BAD_REQUEST, str(error))
         self._forward(message, fallback=None)
 
+    # Same routes, token checks and headers as GET; `_send` leaves out the body.
+    do_HEAD = do_GET
+
     def do_PUT(self) -> None:
         self._error(HTTPStatus.METHOD_NOT_ALLOWED, "use GET or POST")
 
-    do_DELETE = do_PATCH = do_PUT
+    # OPTIONS too: the page is same-origin, so a CORS preflight (another site's script) must not succeed.
+    do_DELETE = do_PATCH = do_OPTIONS = do_PUT
 
     # -------------------------------------------------------------------------------------------- helpers
     def _split(self) -> tuple[str | None, dict[str, str]]:
@@ -363,8 +370,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Referrer-Policy", "no-referrer")
             self.send_header("X-Frame-Options", "DENY")
             self.send_header("Content-Security-Policy", _CSP)
+            if status == HTTPStatus.METHOD_NOT_ALLOWED:
+                self.send_header("Allow", _ALLOW)
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":  # Content-Length still tells the size a GET would get
+                self.wfile.write(body)
         except OSError:  # the client went away
             self.close_connection = True
 
