@@ -160,11 +160,8 @@ def plot_ledger(
         output_png (`str` or `os.PathLike`):
             Where to write the PNG; missing parent folders are created and an existing file is replaced atomically,
             so a dashboard serving it never reads half a file.
-        metrics (`Sequence[str]`, *optional*, defaults to `("loss", "eval_loss")`):
-            Keys of `"log"` events to plot, one subplot each, in this order; transformers' names (`train/loss`,
-            `eval/loss`) are accepted too, and label their subplot.
-        title (`str`, *optional*):
-            Figure title. Defaults to the ledger's file name.
+        metrics (`Sequence[str]`, *optional*, defaults to `("loss", "eval_loss")`), title (`str`, *optional*):
+            As in [`ledger_figure`].
 
     Returns:
         `pathlib.Path`: The path of the written PNG.
