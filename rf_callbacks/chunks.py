@@ -27,6 +27,12 @@ def epoch_order(num_rows: int, epoch: int, seed: int, shuffle: bool) -> tuple[in
     return tuple(torch.randperm(num_rows, generator=generator).tolist())
 
 
+def check_num_chunks(num_chunks: object) -> None:
+    """Refuse a `num_chunks` that is neither `"auto"` nor a positive int."""
+    if num_chunks != "auto" and (isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1):
+        raise ValueError(f"num_chunks={num_chunks!r} is invalid; it must be 'auto' or an int >= 1")
+
+
 @dataclass(frozen=True)
 class DataPlan:
     """How one run walks through the data: batches, optimizer steps, chunks and its total step budget.

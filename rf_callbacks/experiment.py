@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .chunks import check_num_chunks
+
 logger = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
@@ -90,7 +92,7 @@ class Experiment:
         create_model_fn: Callable[[dict[str, Any]], Any] | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
-        num_chunks: int = 4,
+        num_chunks: int | str = 4,
         seed: int = 42,
         *,
         num_shards: int | None = None,
@@ -106,7 +108,8 @@ class Experiment:
             create_model_fn (`Callable`): `dict(model_name, model_type, model_kwargs, tokenizer, tokenizer_kwargs)
                 -> (model, tokenizer)` (or just the model); called once per distinct base.
             train_dataset, eval_dataset (`datasets.Dataset`): Raw rows; each leaf's formatting_func maps them.
-            num_chunks (`int`, *optional*, defaults to `4`): Chunks per epoch (`num_shards=` is an alias).
+            num_chunks (`int` or `"auto"`, *optional*, defaults to `4`): Chunks per epoch (`num_shards=` is an alias);
+                `"auto"` as in [`RFSFTTrainer`].
             seed (`int`, *optional*, defaults to `42`): `seed` of every leaf whose training_args set none; with it,
                 the data order of a group (its first leaf's `data_seed`, else `seed`).
             policies (`list[Policy]`, *optional*): Automatic decisions at chunk boundaries (`rf_callbacks.policies`);
@@ -124,8 +127,7 @@ class Experiment:
         search = config_group if config_group is not None else param_config
         search = search if isinstance(search, _Search) else RFGridSearch(search, "SFT")
         num_chunks = num_shards if num_shards is not None else num_chunks
-        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-            raise ValueError(f"num_chunks={num_chunks!r} is invalid; it must be an int >= 1")
+        check_num_chunks(num_chunks)
         if not callable(create_model_fn):
             raise ValueError("create_model_fn must be a function: model_config dict -> (model, tokenizer)")
         if train_dataset is None:

@@ -13,6 +13,7 @@ dataloader at row 0 and spends ~0.3 s in `gc.collect()`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -56,6 +57,8 @@ from .tracking import TrackingMixin
 
 logger = logging.getLogger(__name__)
 
+AUTO_CHUNKS = 4  # `num_chunks="auto"`: this many chunks per epoch, or fewer when a run has fewer optimizer steps
+
 
 class _NameList(list):
     """A list with set-speed `in` (`Trainer.create_optimizer` tests every parameter name against it)."""
@@ -97,7 +100,7 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
     def _build_runs(
         self,
         specs: list[RunSpec],
-        num_chunks: int,
+        num_chunks: int | str,
         offload: bool | str,
         control_socket: bool = True,
         dashboard: bool = False,
@@ -123,14 +126,21 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
         self._rf_active: Run | None = None
         self._rf_datasets: dict[tuple, tuple[Any, Any]] = {}
         self._rf_columns: dict[tuple, Any] = {}  # train sets as the dataloader would see them (unused columns gone)
-        self._rf_num_chunks = num_chunks
-        runs = []
+        self._rf_num_chunks = 1 if num_chunks == "auto" else num_chunks
+        plans = []
         for spec in specs:
             key = self._data_key(spec.args)
             if key not in self._rf_datasets:
                 self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
                 self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
-            plan = self._data_plan(spec, key)
+            plans.append((spec, key, self._data_plan(spec, key)))
+        if num_chunks == "auto":
+            self._rf_num_chunks = min(AUTO_CHUNKS, *(plan.steps_per_epoch for _, _, plan in plans))
+            if len(specs) > 1:
+                logger.info("num_chunks='auto': %d chunks per epoch", self._rf_num_chunks)
+        runs = []
+        for spec, key, plan in plans:
+            plan = dataclasses.replace(plan, num_chunks=self._rf_num_chunks)
             plan.check(spec.name)
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)

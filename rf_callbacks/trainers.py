@@ -1,7 +1,7 @@
 """The public trainers: TRL's trainers with `MultiConfigMixin` in front.
 
 `RFSFTTrainer` takes everything `trl.SFTTrainer` takes, plus `configs` (the runs to compare), `num_chunks` and
-`offload_optimizer`. With no `configs` it trains one run from `peft_config`, exactly as `SFTTrainer` would.
+`offload_optimizer`. With no `configs` and no engine option, each is exactly its TRL parent (`dropin.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import create_model_from_path
 
 from .adapters import attach_adapters, remove_adapters
+from .chunks import check_num_chunks
 from .configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
+from .dropin import drop_in
 from .mixin import RUN_ATTRIBUTES, MultiConfigMixin
 from .oom import init_oom_retry
 
@@ -51,8 +53,7 @@ def _validate_setup(
         raise ValueError(f"offload_optimizer={offload_optimizer!r} is invalid; use True, False or 'auto'")
     if not isinstance(oom_retry, bool):
         raise ValueError(f"oom_retry={oom_retry!r} is invalid; use True or False")
-    if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
-        raise ValueError(f"num_chunks={num_chunks!r} is invalid; it must be an int >= 1")
+    check_num_chunks(num_chunks)
     if len(specs) > 1 and any(item is not None for item in optimizers):
         raise ValueError(
             "optimizers=(optimizer, scheduler) holds one optimizer, but each of the "
@@ -171,6 +172,7 @@ def _check_sft_dataset(dataset: Any, name: str, args: SFTConfig, formatting_func
             )
 
 
+@drop_in
 class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
     """Supervised fine-tuning of several LoRA configs at once on one resident base model.
 
@@ -183,10 +185,13 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             lr_scheduler_type, lr_scheduler_kwargs, warmup_ratio/warmup_steps, weight_decay, max_grad_norm, optim,
             optim_args, adam_beta1/2, adam_epsilon, max_steps, num_train_epochs, per_device_train_batch_size,
             per_device_eval_batch_size, gradient_accumulation_steps, seed, logging/eval/save strategy and steps,
-            max_length, truncation_mode, completion_only_loss, assistant_only_loss, loss_type. When `None`, one run is
-            trained from `peft_config` and `args`, exactly as `SFTTrainer` would train it.
-        num_chunks (`int`, *optional*, defaults to `4`):
-            Chunks per epoch. Runs rotate at chunk boundaries, where each run is also evaluated.
+            max_length, truncation_mode, completion_only_loss, assistant_only_loss, loss_type. When `None` (and no
+            other engine option is set) the trainer is exactly `SFTTrainer`: see `rf_callbacks.dropin`.
+            `configs=[{}]` trains one run from `peft_config` and `args` through the engine.
+        num_chunks (`int` or `"auto"`, *optional*, defaults to `"auto"`):
+            Chunks per epoch. Runs rotate at chunk boundaries, where each run is also evaluated. `"auto"`: 4, or
+            fewer when a run has fewer optimizer steps per epoch (the choice is logged). An explicit number that a run
+            cannot fit is refused.
         offload_optimizer (`bool` or `"auto"`, *optional*, defaults to `True`):
             On a CUDA machine, park a waiting run's optimizer state in pinned host memory (`True`), keep it on the
             device (`False`), or keep it on the device while at least 10% of the GPU stays free (`"auto"`). Ignored
@@ -284,7 +289,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         formatting_func: Callable | None = None,
         *,
         configs: Sequence[dict[str, Any]] | None = None,
-        num_chunks: int = 4,
+        num_chunks: int | str = "auto",
         offload_optimizer: bool | str = True,
         control_socket: bool = True,
         dashboard: bool = False,
@@ -430,6 +435,7 @@ def _check_preference_dataset(dataset: Any, name: str) -> None:
             )
 
 
+@drop_in
 class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
     """Direct preference optimisation of several LoRA configs at once on one resident base model.
 
@@ -485,7 +491,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         peft_config: PeftConfig | None = None,
         *,
         configs: Sequence[dict[str, Any]] | None = None,
-        num_chunks: int = 4,
+        num_chunks: int | str = "auto",
         offload_optimizer: bool | str = True,
         control_socket: bool = True,
         dashboard: bool = False,
@@ -754,6 +760,7 @@ def _check_prompt_dataset(dataset: Any, name: str) -> None:
             raise ValueError(f"{label} has columns {sorted(data.column_names)}, but GRPO needs a 'prompt' column")
 
 
+@drop_in
 class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     """Group relative policy optimisation of several LoRA configs at once on one resident base model.
 
@@ -792,9 +799,12 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         optimizers: tuple = (None, None),
         quantization_config=None,
         peft_config: PeftConfig | None = None,
+        tools: list[Callable] | None = None,
+        rollout_func: Callable | None = None,
+        environment_factory: Callable | dict[str, Callable] | None = None,
         *,
         configs: Sequence[dict[str, Any]] | None = None,
-        num_chunks: int = 4,
+        num_chunks: int | str = "auto",
         offload_optimizer: bool | str = True,
         control_socket: bool = True,
         dashboard: bool = False,
@@ -805,6 +815,13 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         oom_retry: bool = False,
     ):
         _refuse_fused(fused, "RFGRPOTrainer")
+        plain_only = {"tools": tools, "rollout_func": rollout_func, "environment_factory": environment_factory}
+        for name, value in plain_only.items():
+            if value is not None:
+                raise ValueError(
+                    f"{name}= is supported by RFGRPOTrainer only as a plain GRPOTrainer (no configs): the engine "
+                    "rotates runs over one generation loop that does not drive tools, custom rollouts or environments"
+                )
         import copy
 
         from .preference import GRPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_grpo_specs
