@@ -130,5 +130,9 @@ def test_a_refused_trainer_leaves_the_model_as_it_was(build, make_model, tokeniz
 
 @pytest.mark.parametrize("model", [None, 42])
 def test_a_model_that_is_not_a_model_is_refused(model, tokenizer, chat_data, sft_args):
+    # engine mode names the problem; without configs the trainer is SFTTrainer and fails as it does
+    # (tests/test_dropin_sft.py)
     with pytest.raises(ValueError, match="model must be a hub id, a local path or a transformers model, got"):
-        RFSFTTrainer(model=model, args=sft_args(), train_dataset=chat_data[0], processing_class=tokenizer)
+        RFSFTTrainer(
+            model=model, args=sft_args(), train_dataset=chat_data[0], processing_class=tokenizer, configs=[{}]
+        )

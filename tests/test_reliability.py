@@ -199,6 +199,7 @@ def test_an_error_with_one_run_propagates_and_the_run_ends_failed(tokenizer, cha
         model=build_tiny_model(tokenizer), args=sft_args(output_dir=str(tmp_path), max_steps=6),
         train_dataset=chat_data[0], processing_class=tokenizer,
         peft_config=LoraConfig(r=2, target_modules=["q_proj"]), callbacks=[RaiseAt(2)], control_socket=False,
+        configs=[{}],
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="boom at 2"):
         trainer.train()

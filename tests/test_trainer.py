@@ -145,13 +145,14 @@ def test_select_run_then_save_model(trained, tokenizer, tmp_path):
     assert metrics["eval_loss"] == pytest.approx(trainer.runs["a"].last_logged("eval_loss"), rel=1e-6)
 
 
-def test_no_configs_trains_one_run_from_peft_config(tokenizer, chat_data, tmp_path):
+def test_one_empty_config_trains_one_run_from_peft_config(tokenizer, chat_data, tmp_path):
     trainer = RFSFTTrainer(
         model=build_tiny_model(tokenizer),
         args=cpu_args(tmp_path, max_steps=4),
         train_dataset=chat_data[0],
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, target_modules=["q_proj"]),
+        configs=[{}],
     )
     output = trainer.train()
     assert [row["name"] for row in trainer.results()] == ["run-1"]
