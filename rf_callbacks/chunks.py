@@ -46,6 +46,8 @@ class DataPlan:
         drop_last (`bool`): Whether the last incomplete micro-batch of an epoch is dropped.
         start_slice (`int`): The slice the run starts at: 0, or later for a clone that continues where its parent
             stopped (its `max_steps` then count from there).
+        stream (`bool`): The train set is a stream without a length (`streams.py`): an epoch is the run's
+            `max_steps` optimizer steps, as `Trainer` counts it, and `num_rows` the rows they hold.
     """
 
     num_rows: int
@@ -55,6 +57,7 @@ class DataPlan:
     max_steps: int
     drop_last: bool = False
     start_slice: int = 0
+    stream: bool = False
 
     @classmethod
     def build(
@@ -67,8 +70,13 @@ class DataPlan:
         num_train_epochs: float,
         drop_last: bool = False,
         start_slice: int = 0,
+        stream: bool = False,
     ) -> DataPlan:
-        """Compute the step budget the way `Trainer.set_initial_training_values` does (max_steps wins over epochs)."""
+        """Compute the step budget the way `Trainer.set_initial_training_values` does (max_steps wins over epochs;
+        with a stream, `num_rows` is ignored and `max_steps` must be positive)."""
+        if stream:
+            num_rows = max_steps * grad_accum * batch_size
+            return cls(num_rows, batch_size, grad_accum, num_chunks, max_steps, False, start_slice, stream=True)
         batches = num_rows // batch_size if drop_last else math.ceil(num_rows / batch_size)
         steps_per_epoch = max(batches // grad_accum + int(batches % grad_accum > 0), 1)
         if max_steps <= 0:

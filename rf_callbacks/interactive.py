@@ -345,7 +345,7 @@ class InteractiveMixin:
             self.callback_handler.optimizer = self.callback_handler.lr_scheduler = None
         state = run.attributes.get("state")
         run.attributes = {"state": state} if state is not None else {}
-        run.trainable, run.pinned, run.boundary_weights, run.rng = [], {}, None, None
+        run.trainable, run.pinned, run.boundary_weights, run.rng, run.stream = [], {}, None, None, None
         if isinstance(self.model, PeftModel) and run.spec.adapter_name in self.model.peft_config:
             self.model.delete_adapter(run.spec.adapter_name)
         if torch.cuda.is_available():
@@ -358,7 +358,7 @@ class InteractiveMixin:
         key = self._data_key(spec.args)
         if key not in self._rf_datasets:
             self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
-            self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
+            self._rf_columns[key] = self._train_columns(key)
         start_slice = parent.next_slice if start_slice is None else start_slice
         plan = self._data_plan(spec, key, start_slice=start_slice)
         child = Run(spec=spec, plan=plan, data_key=key, next_slice=plan.start_slice)

@@ -53,6 +53,7 @@ from .progress import RunsProgressCallback
 from .reporters import Reporter
 from .reporting import Ledger, LogEventsCallback, write_json_atomic
 from .run import TRAINER_SCALARS, Run
+from .streams import RunStream, is_stream
 from .tracking import TrackingMixin
 
 logger = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
             key = self._data_key(spec.args)
             if key not in self._rf_datasets:
                 self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
-                self._rf_columns[key] = self._remove_unused_columns(self._rf_datasets[key][0], "training")
+                self._rf_columns[key] = self._train_columns(key)
             plans.append((spec, key, self._data_plan(spec, key)))
         if num_chunks == "auto":
             self._rf_num_chunks = min(AUTO_CHUNKS, *(plan.steps_per_epoch for _, _, plan in plans))
@@ -161,10 +162,27 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
         if self._rf_dist is not None:
             self._rf_dist.check()
 
+    def _train_columns(self, key: tuple) -> Any:
+        """The train set as the dataloader sees it (unused columns gone); `None` for a stream, which each run reads
+        through its own dataloader (`streams.py`)."""
+        train = self._rf_datasets[key][0]
+        return None if is_stream(train) else self._remove_unused_columns(train, "training")
+
     def _data_plan(self, spec: RunSpec, key: tuple, start_slice: int = 0) -> DataPlan:
-        args = spec.args
+        args, stream = spec.args, is_stream(self._rf_datasets[key][0])
+        if stream:
+            if args.max_steps <= 0:
+                raise ValueError(
+                    f"run {spec.name!r}: train_dataset is a stream with no length (an IterableDataset), so max_steps "
+                    f"must be set to a positive value, got max_steps={args.max_steps}"
+                )
+            if self._rf_dist is not None:
+                raise ValueError(
+                    "a streamed train_dataset (an IterableDataset) is not supported with several processes yet; "
+                    "use a datasets.Dataset, or one process"
+                )
         return DataPlan.build(
-            num_rows=len(self._rf_datasets[key][0]),
+            num_rows=None if stream else len(self._rf_datasets[key][0]),
             batch_size=args.per_device_train_batch_size * max(1, args.n_gpu) * self._rf_shards(),
             grad_accum=args.gradient_accumulation_steps,
             num_chunks=self._rf_num_chunks,
@@ -172,6 +190,7 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
             num_train_epochs=args.num_train_epochs,
             drop_last=args.dataloader_drop_last,
             start_slice=start_slice,
+            stream=stream,
         )
 
     def _rf_shards(self) -> int:
@@ -480,11 +499,12 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
         isolate = len(self.coordinator) > 1  # a non-finite loss fails this run alone
         check_loss = isolate or args.logging_nan_inf_filter  # (a host sync per micro-step, only when needed)
         steps_in_epoch = plan.batches_per_epoch
-        order = self._epoch_order(run, epoch)
+        order = None if plan.stream else self._epoch_order(run, epoch)
         if first == 0:
             self.control = self.callback_handler.on_epoch_begin(args, self.state, self.control)
-            # Plain Trainer's dataloader draws its workers' base seed from the global generator as an epoch starts.
-            torch.empty((), dtype=torch.int64).random_()
+            if not plan.stream:  # a stream's own dataloader draws it when the run's first batch opens it
+                # Plain Trainer's dataloader draws its workers' base seed from the global generator as an epoch starts.
+                torch.empty((), dtype=torch.int64).random_()
         grad_norm, learning_rate = run.last_step
         position = first
         for step_in_epoch in range(first, end):
@@ -558,6 +578,10 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
 
     def _batches(self, run: Run, order: tuple[int, ...], batch_indices: range) -> Iterator[dict[str, Any]]:
         """Collated micro-batches, built lazily so `get_batch_samples` draws them like it draws from a dataloader."""
+        if run.plan.stream:
+            for _ in batch_indices:
+                yield self._stream(run).next_batch()
+            return
         dataset = self._rf_columns[run.data_key]
         for index in batch_indices:
             indices = run.plan.batch_rows(order, index)
@@ -565,6 +589,14 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
                 indices = self._rf_dist.batch_part(indices, run.args.per_device_train_batch_size)
             rows = dataset[indices]
             yield self.data_collator([dict(zip(rows, values)) for values in zip(*rows.values())])
+
+    def _stream(self, run: Run) -> RunStream:
+        """The active run's pass over a streamed train set, opened at its first batch: where it would be trained
+        alone, after the micro-batches it already drew (a clone continuing from its parent, a resumed run)."""
+        if run.stream is None:
+            run.stream = RunStream(self.get_train_dataloader())
+            run.stream.skip((run.plan.start_step + self.state.global_step) * run.plan.grad_accum)
+        return run.stream
 
     def _epoch_order(self, run: Run, epoch: int) -> tuple[int, ...]:
         """The rows of `epoch` in the order the run's dataloader yields them (overridden by a trainer with its own
@@ -607,6 +639,7 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
         self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
         run.train_metrics = metrics
         run.status = "completed"
+        run.stream = None
         run_dir = Path(run.args.output_dir)
         if isinstance(self.model, PeftModel):
             if self.args.should_save:

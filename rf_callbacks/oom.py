@@ -112,6 +112,11 @@ class StepWatch(TrainerCallback):
 def init_oom_retry(trainer, enabled: bool) -> None:
     """Turn the retry on for `trainer` (called by the trainers' `__init__`, after `_build_runs`)."""
     trainer._rf_oom_watch = None
+    if enabled and any(run.plan.stream for run in trainer.coordinator):
+        raise ValueError(
+            "oom_retry=True is not supported with a streamed train_dataset (an IterableDataset): a run's stream "
+            "yields micro-batches of its batch size, which the retry would halve; use oom_retry=False"
+        )
     if enabled:
         trainer._rf_oom_watch = StepWatch(trainer)
         trainer.add_callback(trainer._rf_oom_watch)

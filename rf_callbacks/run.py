@@ -60,6 +60,7 @@ class Run:
     dirty: bool = True  # trained (or changed) since its files were last written to a checkpoint
     checkpoint_files: Path | None = None  # the checkpoint folder that holds its current files
     oom_retry: dict | None = None  # with oom_retry=True, its retry after running out of memory (see `oom.py`)
+    stream: Any = None  # with a streamed train set, its own pass over the stream (`streams.RunStream`)
 
     @property
     def name(self) -> str:

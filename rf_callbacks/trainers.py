@@ -29,6 +29,7 @@ from .configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from .dropin import drop_in
 from .mixin import RUN_ATTRIBUTES, MultiConfigMixin
 from .oom import init_oom_retry
+from .streams import is_stream
 
 logger = logging.getLogger(__name__)
 
@@ -142,16 +143,19 @@ def _load_model(model: str | PreTrainedModel, args: TrainingArguments, quantizat
     return create_model_from_path(model, **kwargs)
 
 
-def _datasets(dataset: Any, name: str) -> list[tuple[str, Dataset]]:
-    """The `(name, data set)` pairs to check, refusing what cannot be chunked (no length, not a Dataset, empty)."""
+def _datasets(dataset: Any, name: str) -> list[tuple[str, Dataset | IterableDataset]]:
+    """The `(name, data set)` pairs whose columns can be checked, refusing what is not a data set or is empty (a
+    stream whose columns are unknown until read is left to TRL)."""
     if dataset is None:
         return []
     if isinstance(dataset, dict):
         return [pair for key, value in dataset.items() for pair in _datasets(value, f"{name}[{key!r}]")]
     if isinstance(dataset, IterableDataset):
-        raise ValueError(f"{name} is an IterableDataset; chunking needs a datasets.Dataset with a known length")
+        return [(name, dataset)] if dataset.column_names is not None else []
     if not isinstance(dataset, Dataset):
-        raise ValueError(f"{name} must be a datasets.Dataset, got {type(dataset).__name__}")
+        raise ValueError(
+            f"{name} must be a datasets.Dataset or datasets.IterableDataset, got {type(dataset).__name__}"
+        )
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty")
     return [(name, dataset)]
@@ -1013,6 +1017,12 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         from .chunks import DataPlan
 
         args = spec.args
+        if is_stream(self._rf_datasets[key][0]):
+            raise ValueError(
+                f"run {spec.name!r}: RFGRPOTrainer with configs needs a train set with a length (a datasets.Dataset): "
+                "each run repeats its prompts the way GRPO's RepeatSampler does, which a stream (IterableDataset) "
+                "cannot; pass a datasets.Dataset, or no configs for plain GRPOTrainer behaviour"
+            )
         prompts_per_batch = args.generation_batch_size // args.num_generations
         repeats = args.num_iterations * args.steps_per_generation
         num_prompts = len(self._rf_datasets[key][0])
