@@ -134,6 +134,15 @@ def test_stream_without_max_steps_is_refused_naming_the_run(make_model, tokenize
             processing_class=tokenizer,
             configs=[{"name": "a", "peft_config": LORA}],
         )
+    with pytest.raises(ValueError, match="oom_retry=True is not supported with a streamed train_dataset"):
+        RFSFTTrainer(
+            model=make_model(),
+            args=sft_args(),
+            train_dataset=stream(chat_data[0]),
+            processing_class=tokenizer,
+            configs=[{"name": "a", "peft_config": LORA}],
+            oom_retry=True,
+        )
 
 
 def test_dpo_on_a_stream_equals_plain_dpo_trainer(make_model, tokenizer, tmp_path):
