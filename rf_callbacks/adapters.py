@@ -22,9 +22,10 @@ from transformers import PreTrainedModel, set_seed
 from .configs import RunSpec
 
 
-def attach_adapters(model: PreTrainedModel, specs: Sequence[RunSpec]) -> PeftModel:
-    """Wrap `model` in a `PeftModel` holding one adapter per spec, named after the run."""
-    peft_model: PeftModel | None = None
+def attach_adapters(model: PreTrainedModel | PeftModel, specs: Sequence[RunSpec]) -> PeftModel:
+    """Wrap `model` in a `PeftModel` holding one adapter per spec, named after the run (a `PeftModel` gets the
+    adapters added beside its own)."""
+    peft_model = model if isinstance(model, PeftModel) else None
     for spec in specs:
         set_seed(spec.args.seed)
         with warnings.catch_warnings():
@@ -40,7 +41,7 @@ def attach_adapters(model: PreTrainedModel, specs: Sequence[RunSpec]) -> PeftMod
                 raise ValueError(
                     f"run {spec.name!r}: its peft_config cannot be applied to this model: {error}"
                 ) from error
-    if peft_model is None:
+    if peft_model is None:  # no spec
         raise ValueError("attach_adapters needs at least one spec with a peft_config")
     return peft_model
 

@@ -93,6 +93,8 @@ class RunSpec:
             The shared arguments with `overrides` applied and `output_dir` pointing at the run's folder.
         parent (`str`, *optional*):
             The run this one was cloned from.
+        own_adapter (`str`, *optional*):
+            For the run that trains the adapter of a `PeftModel` the user built: that adapter's name.
     """
 
     name: str
@@ -100,11 +102,13 @@ class RunSpec:
     overrides: dict[str, Any]
     args: TrainingArguments
     parent: str | None = None
+    own_adapter: str | None = None
 
     @property
     def adapter_name(self) -> str:
-        """The PEFT adapter's name: the run name with '.' replaced (PyTorch module names cannot hold dots)."""
-        return self.name.replace(".", "_")
+        """The PEFT adapter's name: the user's own adapter's, or the run name with '.' replaced (PyTorch module names
+        cannot hold dots)."""
+        return self.own_adapter or self.name.replace(".", "_")
 
     def __post_init__(self):
         # Taken now: PEFT rewrites its config in place when the adapter is built ("all-linear" -> module names).
@@ -228,6 +232,7 @@ def parse_configs(
     peft_config: PeftConfig | None,
     per_run_fields: frozenset[str],
     run_output_dir: Any,
+    own_adapter: bool = False,
 ) -> list[RunSpec]:
     """Validate `configs` and build one `RunSpec` per entry.
 
@@ -242,6 +247,8 @@ def parse_configs(
             Argument fields a run may override (the trainer's own list).
         run_output_dir (`Callable[[str], str]`):
             Maps a run name to its output folder.
+        own_adapter (`bool`, *optional*, defaults to `False`):
+            Whether the model is a `PeftModel` whose own adapter one config without a `peft_config` trains.
 
     Returns:
         `list[RunSpec]`: one per config, in the given order.
@@ -278,7 +285,7 @@ def parse_configs(
             raise ValueError(
                 f"{where}: peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(run_peft).__name__}"
             )
-        if run_peft is None and len(configs) > 1:
+        if run_peft is None and len(configs) > 1 and not own_adapter:
             raise ValueError(
                 f"{where} has no peft_config and the trainer has none: several configs need one adapter each on "
                 "the shared base model (full fine-tuning would need a copy of the model per run). Pass peft_config= "

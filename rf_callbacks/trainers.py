@@ -25,7 +25,7 @@ from trl.trainer.utils import create_model_from_path
 
 from .adapters import attach_adapters, remove_adapters
 from .chunks import check_num_chunks
-from .configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
+from .configs import TRAINING_PER_RUN_FIELDS, RunSpec, describe_config, parse_configs
 from .dropin import drop_in
 from .mixin import RUN_ATTRIBUTES, MultiConfigMixin
 from .oom import init_oom_retry
@@ -111,23 +111,61 @@ def _checked_model(init: Callable) -> Callable:
             )
         injected = isinstance(model, PreTrainedModel) and not hasattr(model, "peft_config")
         requires_grad = {name: p.requires_grad for name, p in model.named_parameters()} if injected else {}
+        own = (set(model.peft_config), model.active_adapter) if isinstance(model, PeftModel) else None
         try:
             init(self, model, *args, **kwargs)
         except BaseException:
             if injected:
                 remove_adapters(model, requires_grad)
+            elif own is not None:  # a PeftModel the user built: drop the runs' adapters added beside its own
+                for name in set(model.peft_config) - own[0]:
+                    model.delete_adapter(name)
+                model.set_adapter(own[1])
             raise
 
     return wrapped
 
 
-def _attach_run_adapters(model: PreTrainedModel, specs: list[RunSpec]) -> PreTrainedModel:
-    if hasattr(model, "peft_config"):
+_PEFT_MODEL_AND_CONFIG = (  # TRL's words, for the same mistake
+    "You passed a `PeftModel` instance together with a `peft_config` to the trainer. Please first merge and unload "
+    "the existing adapter, save the resulting base model, and then pass that base model along with the new "
+    "`peft_config` to the trainer."
+)
+
+
+def _attach_run_adapters(
+    model: PreTrainedModel | PeftModel, specs: list[RunSpec], peft_config: Any
+) -> torch.nn.Module:
+    """Give every run its adapter on the one base model. A `PeftModel` the user built keeps its active adapter, which
+    the one run without a `peft_config` trains (any PEFT method); the other runs' adapters are added beside it, which
+    PEFT allows only for the same method."""
+    if not isinstance(model, PeftModel):
+        return attach_adapters(model, specs) if any(spec.peft_config is not None for spec in specs) else model
+    if peft_config is not None:
+        raise ValueError(_PEFT_MODEL_AND_CONFIG)
+    own = [spec for spec in specs if spec.peft_config is None]
+    adapter = model.active_adapter
+    if len(own) > 1:
         raise ValueError(
-            "model is already a PeftModel; pass the base model and give each run its peft_config (the trainer adds "
-            "one adapter per run)"
+            f"model is a PeftModel, whose adapter {adapter!r} one run can train, but runs "
+            f"{[spec.name for spec in own]} have no peft_config; give all runs but one their own peft_config"
         )
-    return attach_adapters(model, specs)
+    if own:
+        own[0].own_adapter = adapter
+        own[0].peft_config = model.peft_config[adapter]
+        own[0].summary = describe_config(own[0].peft_config, own[0].overrides)
+    added = [spec for spec in specs if spec.own_adapter is None]
+    for spec in added:
+        if spec.peft_config.peft_type != model.peft_type:
+            raise ValueError(
+                f"run {spec.name!r}: its peft_config is {spec.peft_config.peft_type}, but the model is a PeftModel "
+                f"with a {model.peft_type} adapter ({adapter!r}); PEFT cannot hold adapters of different methods on "
+                "one model, so every run must use the model's method (or pass the base model instead)"
+            )
+    if added:
+        attach_adapters(model, added)
+        model.set_adapter(adapter)
+    return model
 
 
 def _load_model(model: str | PreTrainedModel, args: TrainingArguments, quantization_config) -> PreTrainedModel:
@@ -307,16 +345,17 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
     ):
         args = _coerce_args(model, args, SFTConfig, "SFT")
         runs_dir = Path(args.output_dir) / "runs"
-        specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
+        specs = parse_configs(
+            configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name, isinstance(model, PeftModel)
+        )
         _validate_sft_specs(specs, compute_loss_func)
         _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer, oom_retry)
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            raise ValueError("`train_dataset` is required")
         _check_sft_dataset(train_dataset, "train_dataset", args, formatting_func)
         _check_sft_dataset(eval_dataset, "eval_dataset", args, formatting_func)
         model = _load_model(model, args, quantization_config)
-        if any(spec.peft_config is not None for spec in specs):
-            model = _attach_run_adapters(model, specs)
+        model = _attach_run_adapters(model, specs, peft_config)
         self._rf_raw = {"train": train_dataset, "eval": eval_dataset, "formatting_func": formatting_func}
         super().__init__(
             model=model,
@@ -331,6 +370,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             optimizers=optimizers,
             optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            formatting_func=formatting_func,
         )
         if fused:
             self._check_fused(max_fused)
@@ -518,22 +558,26 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                         f"({DPO_PROCESS_WIDE_REASONS[key]}); set it in args instead"
                     )
         runs_dir = Path(args.output_dir) / "runs"
-        specs = parse_configs(configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name)
+        specs = parse_configs(
+            configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name, isinstance(model, PeftModel)
+        )
         validate_dpo_specs(specs)
         refuse_ref_name(specs)
         _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer, oom_retry)
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            raise ValueError("`train_dataset` is required")
         _check_preference_dataset(train_dataset, "train_dataset")
         _check_preference_dataset(eval_dataset, "eval_dataset")
         model = _load_model(model, args, quantization_config)
         if ref_model is not None:
             ref_model = _load_model(ref_model, args, quantization_config)
         guard = contextlib.nullcontext()
-        if any(spec.peft_config is not None for spec in specs):
-            model = _attach_run_adapters(model, specs)
-            if ref_model is None:
-                guard = no_ref_adapter_copy(model)
+        # A PeftModel the user built is referenced as TRL references it (a frozen copy of its adapter); runs' fresh
+        # adapters on a plain model are referenced by the shared base, adapters disabled.
+        user_peft = isinstance(model, PeftModel)
+        model = _attach_run_adapters(model, specs, peft_config)
+        if isinstance(model, PeftModel) and not user_peft and ref_model is None:
+            guard = no_ref_adapter_copy(model)
         self._rf_raw = {"train": train_dataset, "eval": eval_dataset}
         self._rf_user_collator = data_collator is not None
         with guard:
@@ -889,18 +933,20 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             peft_config,
             self.per_run_fields,
             lambda name: runs_dir / name,
+            isinstance(model, PeftModel),
         )
         validate_grpo_specs(specs, num_rewards, evaluates=eval_dataset is not None)
         refuse_ref_name(specs)
         _validate_setup(specs, args, num_chunks, optimizers, offload_optimizer)
         if train_dataset is None:
-            raise ValueError("train_dataset is required")
+            raise ValueError("`train_dataset` is required unless an `environment_factory` is provided.")
         _check_prompt_dataset(train_dataset, "train_dataset")
         _check_prompt_dataset(eval_dataset, "eval_dataset")
         model = _load_model(model, args, quantization_config)
         guard = contextlib.nullcontext()
-        if any(spec.peft_config is not None for spec in specs):
-            model = _attach_run_adapters(model, specs)
+        user_peft = isinstance(model, PeftModel)  # referenced as TRL references it (see RFDPOTrainer)
+        model = _attach_run_adapters(model, specs, peft_config)
+        if isinstance(model, PeftModel) and not user_peft:
             guard = no_ref_adapter_copy(model)
         with guard:
             super().__init__(
