@@ -150,7 +150,13 @@ def _attach_run_adapters(
             f"model is a PeftModel, whose adapter {adapter!r} one run can train, but runs "
             f"{[spec.name for spec in own]} have no peft_config; give all runs but one their own peft_config"
         )
-    if own:
+    if not own:
+        logger.warning(
+            "model is a PeftModel, but every config brings its own peft_config, so no run trains its adapter %r: it "
+            "stays in the model, inactive (leave peft_config out of one config to train it as that run)",
+            adapter,
+        )
+    else:
         own[0].own_adapter = adapter
         own[0].peft_config = model.peft_config[adapter]
         own[0].summary = describe_config(own[0].peft_config, own[0].overrides)

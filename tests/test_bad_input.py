@@ -97,17 +97,24 @@ def test_one_optimizer_for_several_runs_is_refused(build, make_model):
         build([{"peft_config": lora()}, {"peft_config": lora()}], optimizers=(torch.optim.SGD(params, lr=0.1), None))
 
 
-def test_a_peft_model_is_refused(build, make_model, tokenizer, chat_data, sft_args):
+def test_a_peft_model_whose_adapter_no_run_trains_is_kept_inactive_with_a_warning(
+    make_model, tokenizer, chat_data, sft_args, caplog
+):
     from peft import get_peft_model
 
-    with pytest.raises(ValueError, match="model is already a PeftModel"):
-        RFSFTTrainer(
-            model=get_peft_model(make_model(), lora()),
-            args=sft_args(),
-            train_dataset=chat_data[0],
-            processing_class=tokenizer,
-            configs=[{"peft_config": lora()}],
-        )
+    model = get_peft_model(make_model(), lora())
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".default." in k}
+    trainer = RFSFTTrainer(
+        model=model,
+        args=sft_args(max_steps=2),
+        train_dataset=chat_data[0],
+        processing_class=tokenizer,
+        configs=[{"name": "new", "peft_config": lora()}],
+    )
+    assert "no run trains its adapter 'default'" in caplog.text
+    trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    assert trainer.results()[0]["status"] == "completed"
 
 
 def test_a_refused_trainer_leaves_the_model_as_it_was(build, make_model, tokenizer, chat_data, sft_args):
