@@ -81,3 +81,21 @@ def compare(
     assert history(ours) == history(parent)
     assert_same_files(tmp_path / "parent", tmp_path / "ours")
     return parent, ours
+
+
+def assert_engine_equals_parent(
+    parent_cls: type, rf_cls: type, make_kwargs: Callable[[Path], dict[str, Any]], tmp_path: Path, atol: float = 1e-6
+):
+    """The same script through the engine (one run, `configs=[{}]`): the files differ by design (runs/, a ledger),
+    the weights and the losses must not. Returns both trainers."""
+    parent = build(parent_cls, make_kwargs, tmp_path / "parent")
+    assert not isinstance(parent, Exception), f"{parent_cls.__name__} gave {parent!r}"
+    ours = build(lambda **kwargs: rf_cls(**kwargs, configs=[{}]), make_kwargs, tmp_path / "engine")
+    assert not isinstance(ours, Exception), f"{rf_cls.__name__} with configs=[{{}}] gave {ours!r}"
+    a = weights(parent.model)
+    b = {k.replace(".run-1.", ".default."): v for k, v in weights(ours.model).items()}  # the run's adapter name
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= atol
+    losses = [(e["step"], e["loss"]) for e in parent.state.log_history if "loss" in e]
+    assert [(e["step"], e["loss"]) for e in ours.runs["run-1"].state.log_history if "loss" in e] == losses
+    return parent, ours

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import side_by_side
 from datasets import Dataset
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from side_by_side import build, compare, weights
@@ -157,15 +158,7 @@ def engine(**kwargs):
 
 
 def assert_engine_equals_parent(make_kwargs, tmp_path):
-    """Where files differ by design (the engine writes runs/, a ledger, ...), the weights and losses must not."""
-    parent = build(SFTTrainer, make_kwargs, tmp_path / "parent")
-    ours = build(engine, make_kwargs, tmp_path / "engine")
-    a = weights(parent.model)
-    b = {k.replace(".run-1.", ".default."): v for k, v in weights(ours.model).items()}  # the run's adapter name
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
-    losses = [(e["step"], e["loss"]) for e in parent.state.log_history if "loss" in e]
-    assert [(e["step"], e["loss"]) for e in ours.runs["run-1"].state.log_history if "loss" in e] == losses
+    side_by_side.assert_engine_equals_parent(SFTTrainer, RFSFTTrainer, make_kwargs, tmp_path)
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
