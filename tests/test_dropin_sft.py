@@ -235,3 +235,12 @@ def test_peft_model_with_peft_config_is_refused_with_trl_words(script, tokenizer
     with pytest.raises(ValueError) as ours:
         RFSFTTrainer(**make(tmp_path / "o"), configs=[{}])
     assert str(ours.value) == str(parent.value)
+
+
+def test_a_failed_build_removes_the_adapters_it_added_to_a_peft_model(script, tokenizer, tmp_path):
+    model = peft_model(tokenizer, "lora")
+    kwargs = script(model=lambda out: model)(tmp_path)
+    with pytest.raises(ValueError, match="num_chunks=1000"):
+        RFSFTTrainer(**kwargs, configs=[{}, {"name": "b", "peft_config": LORA}], num_chunks=1000)
+    assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
+    assert not any(".b." in name for name, _ in model.named_parameters())
