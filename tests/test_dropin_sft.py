@@ -244,3 +244,18 @@ def test_a_failed_build_removes_the_adapters_it_added_to_a_peft_model(script, to
         RFSFTTrainer(**kwargs, configs=[{}, {"name": "b", "peft_config": LORA}], num_chunks=1000)
     assert list(model.peft_config) == ["default"] and model.active_adapter == "default"
     assert not any(".b." in name for name, _ in model.named_parameters())
+
+
+def test_signatures_extend_the_parents():
+    """Positional calls and defaults written for TRL bind the same way: each RF signature starts with its parent's."""
+    import inspect
+
+    from trl import DPOTrainer, GRPOTrainer
+
+    from rf_callbacks import RFDPOTrainer, RFGRPOTrainer
+
+    for parent, ours in [(SFTTrainer, RFSFTTrainer), (DPOTrainer, RFDPOTrainer), (GRPOTrainer, RFGRPOTrainer)]:
+        theirs = [(p.name, p.default, p.kind) for p in inspect.signature(parent.__init__).parameters.values()]
+        mine = [(p.name, p.default, p.kind) for p in inspect.signature(ours.__init__).parameters.values()]
+        assert mine[: len(theirs)] == theirs, parent.__name__
+        assert all(kind is inspect.Parameter.KEYWORD_ONLY for _, _, kind in mine[len(theirs) :]), parent.__name__
