@@ -114,8 +114,6 @@ class CheckpointMixin:
 
     def _init_checkpoints(self, every: int | None) -> None:
         args = self._rf_shared_args
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-            raise ValueError(f"checkpoint_every must be an int >= 1 or None, got {every!r}")
         enabled = args.save_strategy != "no"
         self._rf_checkpoint_every = (every or 1) if enabled else None
         self._rf_keep = args.save_total_limit or 2

@@ -19,21 +19,15 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from .rf_args import RF_OPTIONS
+
+# Options that only tune the engine; ignored in drop-in mode.
+PASSIVE_OPTIONS = ("control_socket", "offload_optimizer")
 # Engine options and the defaults that leave an RF trainer in drop-in mode.
 ENGINE_OPTIONS: dict[str, Any] = {
     "configs": None,
-    "num_chunks": "auto",
-    "dashboard": False,
-    "policies": None,
-    "boundary_eval": True,
-    "checkpoint_every": None,
-    "fused": False,
-    "max_fused": "auto",
-    "oom_retry": False,
-    "parallel": "auto",
+    **{name: default for name, default in RF_OPTIONS.items() if name not in PASSIVE_OPTIONS},
 }
-# Options that only tune the engine; ignored in drop-in mode.
-PASSIVE_OPTIONS = ("control_socket", "offload_optimizer")
 
 # The `Trainer` methods the engine overrides: in drop-in mode each is the parent's.
 ENGINE_OVERRIDES = (

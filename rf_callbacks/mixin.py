@@ -48,10 +48,10 @@ from .parking import (
     seeded_rng,
     should_offload,
 )
-from .policies import Policy
 from .progress import RunsProgressCallback
 from .reporters import Reporter
 from .reporting import Ledger, LogEventsCallback, write_json_atomic
+from .rf_args import RFArgs
 from .run import TRAINER_SCALARS, Run
 from .streams import RunStream, is_stream
 from .tracking import TrackingMixin
@@ -98,36 +98,21 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
     run_attributes: tuple[str, ...] = RUN_ATTRIBUTES
 
     # ----------------------------------------------------------------------------------------------- building
-    def _build_runs(
-        self,
-        specs: list[RunSpec],
-        num_chunks: int | str,
-        offload: bool | str,
-        control_socket: bool = True,
-        dashboard: bool = False,
-        policies: list[Policy] | None = None,
-        boundary_eval: bool = True,
-        checkpoint_every: int | None = None,
-        fused: bool = False,
-        max_fused: int | str = "auto",
-        parallel: str = "auto",
-    ) -> None:
+    def _build_runs(self, specs: list[RunSpec], rf: RFArgs) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists."""
-        mode = resolve_parallel(parallel, self.args.world_size, len(specs))  # several processes: see distributed.py
+        mode = resolve_parallel(rf.parallel, self.args.world_size, len(specs))  # several processes: see distributed.py
         self._rf_dist = Distributed(self, mode) if mode is not None else None
-        if dashboard and not control_socket:
-            raise ValueError("dashboard=True needs control_socket=True (the page talks to the training through it)")
-        self._rf_policies = self._check_policies(policies)
+        self._rf_policies = self._check_policies(rf.policies)
         self._rf_decay_names: tuple = (None, None)
         self._rf_base_parameters: int | None = None
-        self._rf_boundary_eval = boundary_eval
-        self._rf_control_socket, self._rf_dashboard = control_socket, dashboard
+        self._rf_boundary_eval = rf.boundary_eval
+        self._rf_control_socket, self._rf_dashboard = rf.control_socket, rf.dashboard
         self._rf_shared_args = self.args
-        self._rf_offload = offload
+        self._rf_offload = rf.offload_optimizer
         self._rf_active: Run | None = None
         self._rf_datasets: dict[tuple, tuple[Any, Any]] = {}
         self._rf_columns: dict[tuple, Any] = {}  # train sets as the dataloader would see them (unused columns gone)
-        self._rf_num_chunks = 1 if num_chunks == "auto" else num_chunks
+        self._rf_num_chunks = 1 if rf.num_chunks == "auto" else rf.num_chunks
         plans = []
         for spec in specs:
             key = self._data_key(spec.args)
@@ -135,7 +120,7 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
                 self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
                 self._rf_columns[key] = self._train_columns(key)
             plans.append((spec, key, self._data_plan(spec, key)))
-        if num_chunks == "auto":
+        if rf.num_chunks == "auto":
             self._rf_num_chunks = min(AUTO_CHUNKS, *(plan.steps_per_epoch for _, _, plan in plans))
             if len(specs) > 1:
                 logger.info("num_chunks='auto': %d chunks per epoch", self._rf_num_chunks)
@@ -146,8 +131,8 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)
         self._rf_output_dir = Path(self._rf_shared_args.output_dir)
-        self._init_checkpoints(checkpoint_every)
-        self._init_fused(fused, max_fused)
+        self._init_checkpoints(rf.checkpoint_every)
+        self._init_fused(rf.fused, rf.max_fused)
 
         # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
         self.callback_handler.remove_callback(ProgressCallback)

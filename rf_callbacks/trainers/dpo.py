@@ -1,0 +1,266 @@
+"""`RFDPOTrainer`: `trl.DPOTrainer` with the multi-run engine in front (per-run loss fields, shared reference)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from peft import PeftConfig, PeftModel
+from transformers import PreTrainedModel, TrainingArguments
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
+from ..dropin import drop_in
+from ..mixin import RUN_ATTRIBUTES, MultiConfigMixin
+from ..oom import init_oom_retry
+from ..rf_args import RFArgs
+from .builder import (
+    attach_run_adapters,
+    checked_model,
+    coerce_args,
+    load_model,
+    named_datasets,
+    validate_setup,
+)
+
+DPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
+    "max_length",
+    "truncation_mode",
+    "pad_to_multiple_of",
+    "beta",
+    "loss_type",
+    "loss_weights",
+    "label_smoothing",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "discopop_tau",
+}
+
+# `DPOTrainer.__init__` copies these from `args` into attributes its loss reads; each run has its own.
+_DPO_LOSS_ATTRIBUTES = (
+    "beta",
+    "loss_types",
+    "loss_weights",
+    "label_smoothing",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+)
+
+
+def _check_preference_dataset(dataset: Any, name: str) -> None:
+    """Refuse, before any work, a data set `DPOTrainer` could only fail on later (or one without a length)."""
+    for label, data in named_datasets(dataset, name):
+        columns = set(data.column_names)
+        if not {"chosen", "rejected"} <= columns:
+            raise ValueError(
+                f"{label} has columns {sorted(columns)}, but DPO needs chosen+rejected (and usually prompt): a "
+                "preference data set in TRL's standard or conversational format"
+            )
+
+
+@drop_in
+class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
+    """Direct preference optimisation of several LoRA configs at once on one resident base model.
+
+    Takes every argument of [`~trl.DPOTrainer`] with the same meaning, plus the rf-callbacks ones (`configs`,
+    `num_chunks`, `policies`, `checkpoint_every`, `fused`, `oom_retry`, ...) as [`RFSFTTrainer`] takes them. Per-run
+    fields are those of `RFSFTTrainer` (optimisation, schedule, batch size, steps, logging/eval/save) plus the DPO
+    ones: beta, loss_type, loss_weights, label_smoothing, ld_alpha, f_divergence_type, f_alpha_divergence_coef,
+    discopop_tau, max_length, truncation_mode, pad_to_multiple_of.
+
+    The reference model is the shared base with adapters disabled (every run starts from a fresh adapter, whose model
+    equals the base): no reference copy of the model, and no frozen "ref" adapter, per run. With `ref_model` (a model
+    or a hub id / local path) one reference model serves all runs.
+
+    With `fused=True`, the policy forward and backward of a group of runs is one pass over their concatenated
+    [chosen; rejected] micro-batches (see [`RFSFTTrainer`]); each run's reference pass stays its own (no gradient).
+
+    Usage:
+    ```python
+    trainer = RFDPOTrainer(
+        model=model,
+        args=DPOConfig(output_dir="out", max_steps=100, learning_rate=5e-4),
+        train_dataset=prefs,
+        processing_class=tokenizer,
+        configs=[
+            {"peft_config": LoraConfig(r=8, target_modules="all-linear"), "beta": 0.1},
+            {"peft_config": LoraConfig(r=16, target_modules="all-linear"), "beta": 0.5,
+             "loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+        ],
+        num_chunks=4,
+    )
+    trainer.train()
+    ```
+    """
+
+    per_run_fields = DPO_PER_RUN_FIELDS
+    run_attributes = RUN_ATTRIBUTES + ("_metrics", "_total_train_tokens", "data_collator") + _DPO_LOSS_ATTRIBUTES
+    result_metrics = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+
+    @checked_model
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        ref_model: str | PreTrainedModel | None = None,
+        args: DPOConfig | TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        processing_class=None,
+        compute_metrics: Callable | None = None,
+        callbacks: list | None = None,
+        optimizers: tuple = (None, None),
+        quantization_config=None,
+        peft_config: PeftConfig | None = None,
+        *,
+        configs: Sequence[dict[str, Any]] | None = None,
+        num_chunks: int | str = "auto",
+        offload_optimizer: bool | str = True,
+        control_socket: bool = True,
+        dashboard: bool = False,
+        policies: list | None = None,
+        boundary_eval: bool = True,
+        checkpoint_every: int | None = None,
+        fused: bool = False,
+        max_fused: int | str = "auto",
+        oom_retry: bool = False,
+        parallel: str = "auto",
+    ):
+        rf = RFArgs.take(locals())  # the options, validated (one list for every trainer: rf_args.py)
+        from ..preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
+
+        args = coerce_args(model, args, DPOConfig, "DPO")
+        for index, config in enumerate(configs or []):
+            for key in config if isinstance(config, dict) else ():
+                if key in DPO_PROCESS_WIDE_REASONS:
+                    name = config.get("name", f"run-{index + 1}")
+                    raise ValueError(
+                        f"configs[{index}] ({name!r}): {key}={config[key]!r} cannot differ per run in one process "
+                        f"({DPO_PROCESS_WIDE_REASONS[key]}); set it in args instead"
+                    )
+        runs_dir = Path(args.output_dir) / "runs"
+        specs = parse_configs(
+            configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name, isinstance(model, PeftModel)
+        )
+        validate_dpo_specs(specs)
+        refuse_ref_name(specs)
+        validate_setup(specs, args, optimizers)
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required")
+        _check_preference_dataset(train_dataset, "train_dataset")
+        _check_preference_dataset(eval_dataset, "eval_dataset")
+        model = load_model(model, args, quantization_config)
+        if ref_model is not None:
+            ref_model = load_model(ref_model, args, quantization_config)
+        guard = contextlib.nullcontext()
+        # A PeftModel the user built is referenced as TRL references it (a frozen copy of its adapter); runs' fresh
+        # adapters on a plain model are referenced by the shared base, adapters disabled.
+        user_peft = isinstance(model, PeftModel)
+        model = attach_run_adapters(model, specs, peft_config)
+        if isinstance(model, PeftModel) and not user_peft and ref_model is None:
+            guard = no_ref_adapter_copy(model)
+        self._rf_raw = {"train": train_dataset, "eval": eval_dataset}
+        self._rf_user_collator = data_collator is not None
+        with guard:
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
+        if rf.fused:
+            self._check_fused(rf.max_fused)
+        self._build_runs(specs, rf)
+        init_oom_retry(self, rf.oom_retry)
+
+    def results(self) -> list[dict[str, Any]]:
+        """`RFSFTTrainer.results()` plus the last logged DPO reward metrics (train and eval) of each run."""
+        rows = []
+        for run, row in zip(self.coordinator, super().results()):
+            for key in self.result_metrics:
+                for logged in (key, f"eval_{key}"):
+                    value = run.last_logged(logged)
+                    if value is not None:
+                        row[logged] = value
+            rows.append(row)
+        return rows
+
+    def _check_run_spec(self, spec: RunSpec) -> None:
+        from ..preference import validate_dpo_specs
+
+        validate_dpo_specs([spec])
+
+    # Per-run data: `max_length` and `truncation_mode` decide which rows `DPOTrainer._prepare_dataset` keeps (with
+    # `keep_start`, rows whose prompt fills `max_length` are dropped), so runs that differ in them get their own copy.
+    def _data_key(self, args) -> tuple:
+        return (args.max_length, args.truncation_mode)
+
+    def _fused_model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The policy forward's arguments as `DPOTrainer._compute_loss` builds them: completion tokens as labels."""
+        dropped = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+        kwargs = {key: value for key, value in inputs.items() if key not in dropped}
+        return {**kwargs, "labels": inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)}
+
+    def _preference_collator(self, args):
+        if self._rf_user_collator or self._is_vision_dataset:
+            return self.data_collator
+        return DataCollatorForPreference(
+            pad_token_id=self._tokenizer.pad_token_id,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            pad_to_multiple_of=args.pad_to_multiple_of,
+        )
+
+    def _prepare_run_datasets(self, args, key: tuple) -> tuple[Any, Any]:
+        if key == self._data_key(self._rf_shared_args) or self._is_vision_dataset:
+            return self.train_dataset, self.eval_dataset
+        raw_train, raw_eval = self._rf_raw["train"], self._rf_raw["eval"]
+        saved = (self.args, self.data_collator)
+        self.args, self.data_collator = args, self._preference_collator(args)
+        try:
+            train = self._prepare_dataset(raw_train, self.processing_class, args, "train")
+            if isinstance(raw_eval, dict):
+                evals = {name: self._prepare_dataset(data, self.processing_class, args, name) for name, data in
+                         raw_eval.items()}  # fmt: skip
+            elif raw_eval is not None:
+                evals = self._prepare_dataset(raw_eval, self.processing_class, args, "eval")
+            else:
+                evals = None
+            if args.precompute_ref_log_probs:  # from the shared reference: the base, or the given ref_model
+                train_bs = args.precompute_ref_batch_size or args.per_device_train_batch_size
+                eval_bs = args.precompute_ref_batch_size or args.per_device_eval_batch_size
+                train = self._precompute_ref_logps(train, "train", train_bs)
+                if isinstance(evals, dict):
+                    evals = {name: self._precompute_ref_logps(data, name, eval_bs) for name, data in evals.items()}
+                elif evals is not None:
+                    evals = self._precompute_ref_logps(evals, "eval", eval_bs)
+        finally:
+            self.args, self.data_collator = saved
+        return train, evals
+
+    def _init_trainer_run_state(self, run) -> None:
+        from collections import defaultdict
+
+        args = self.args  # the run's own arguments, set by `_init_run_state`
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._total_train_tokens = 0
+        self.beta = args.beta
+        self.loss_types = args.loss_type
+        self.loss_weights = args.loss_weights or [1.0] * len(self.loss_types)
+        self.label_smoothing = args.label_smoothing
+        self.ld_alpha = args.ld_alpha
+        self.f_divergence_type = args.f_divergence_type
+        self.f_alpha_divergence_coef = args.f_alpha_divergence_coef
+        self.data_collator = self._preference_collator(args)
