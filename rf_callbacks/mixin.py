@@ -96,6 +96,7 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
     """
 
     run_attributes: tuple[str, ...] = RUN_ATTRIBUTES
+    result_metrics: tuple[str, ...] = ()  # the trainer's own metrics `results()` reports (e.g. DPO's rewards)
 
     # ----------------------------------------------------------------------------------------------- building
     def _build_runs(self, specs: list[RunSpec], rf: RFArgs) -> None:
@@ -200,8 +201,18 @@ class MultiConfigMixin(DistributedMixin, CheckpointMixin, InteractiveMixin, Trac
 
     def results(self) -> list[dict[str, Any]]:
         """One dict per run: name, status, global_step, train_loss (last logged), eval_loss (last or `None`),
-        chunks_done, parent, wall_time (seconds spent training it), error and its config."""
-        return [run.result() for run in self.coordinator]
+        chunks_done, parent, wall_time (seconds spent training it), error and its config; plus the trainer's
+        `result_metrics` (last logged, train and eval) where a run logged them."""
+        rows = []
+        for run in self.coordinator:
+            row = run.result()
+            for key in self.result_metrics:
+                for logged in (key, f"eval_{key}"):
+                    value = run.last_logged(logged)
+                    if value is not None:
+                        row[logged] = value
+            rows.append(row)
+        return rows
 
     def select_run(self, name: str) -> None:
         """Make run `name` the trainer's current one, so `evaluate()`, `predict()` and `save_model()` use its adapter

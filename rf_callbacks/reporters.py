@@ -322,7 +322,33 @@ class TensorBoardReporter:
         return None
 
 
-class WandbReporter:
+class _OneRunEach:
+    """What the W&B and Trackio reporters share: one backend run object per rf run, finished once, and the backend
+    run ids kept in experiment checkpoints so a resumed experiment reopens the same runs."""
+
+    def __init__(self):
+        self.runs: dict[str, Any] = {}
+        self.finished: set[str] = set()
+        self.run_ids: dict[str, str] = {}  # every backend run opened, by rf run (kept across a resume)
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        for name, backend_run in self.runs.items():
+            if name not in self.finished:
+                backend_run.finish()
+                self.finished.add(name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_ids": dict(self.run_ids), "finished": sorted(self.finished)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.run_ids.update(state.get("run_ids", {}))
+        self.finished.update(state.get("finished", []))
+
+
+class WandbReporter(_OneRunEach):
     """One W&B run per rf run, opened with `wandb.init(reinit="create_new")` so several live in one process.
 
     The W&B run ids are kept in experiment checkpoints: a resumed experiment reopens each run with
@@ -340,9 +366,7 @@ class WandbReporter:
 
         self._wandb = wandb
         self.project, self.group, self.directory = project, group, Path(directory)
-        self.runs: dict[str, Any] = {}
-        self.finished: set[str] = set()
-        self.run_ids: dict[str, str] = {}  # every W&B run opened, by rf run (kept across a resume)
+        super().__init__()
 
     @classmethod
     def from_env(cls, output_dir: str | os.PathLike, run_name: str | None) -> WandbReporter:
@@ -388,24 +412,8 @@ class WandbReporter:
         wandb_run.finish(exit_code=1 if run.status == "failed" else 0)
         self.finished.add(run.name)
 
-    def flush(self) -> None:
-        return None
 
-    def close(self) -> None:
-        for name, wandb_run in self.runs.items():
-            if name not in self.finished:
-                wandb_run.finish()
-                self.finished.add(name)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_ids": dict(self.run_ids), "finished": sorted(self.finished)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_ids.update(state.get("run_ids", {}))
-        self.finished.update(state.get("finished", []))
-
-
-class TrackioReporter:
+class TrackioReporter(_OneRunEach):
     """One Trackio run per rf run, in the experiment's Trackio project, in trackio's local store (`TRACKIO_DIR`).
 
     `trackio.init()` finishes the process's current run before it starts another, so the runs are `trackio.Run`
@@ -424,9 +432,7 @@ class TrackioReporter:
 
         self._trackio = trackio
         self.project = project
-        self.runs: dict[str, Any] = {}
-        self.finished: set[str] = set()
-        self.run_ids: dict[str, str] = {}  # every Trackio run opened, by rf run (kept across a resume)
+        super().__init__()
 
     @classmethod
     def from_env(cls, output_dir: str | os.PathLike, run_name: str | None) -> TrackioReporter:
@@ -457,22 +463,6 @@ class TrackioReporter:
             return
         trackio_run.finish()
         self.finished.add(run.name)
-
-    def flush(self) -> None:
-        return None
-
-    def close(self) -> None:
-        for name, trackio_run in self.runs.items():
-            if name not in self.finished:
-                trackio_run.finish()
-                self.finished.add(name)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"run_ids": dict(self.run_ids), "finished": sorted(self.finished)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.run_ids.update(state.get("run_ids", {}))
-        self.finished.update(state.get("finished", []))
 
 
 REPORTERS = {

@@ -185,18 +185,6 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         self._build_runs(specs, rf)
         init_oom_retry(self, rf.oom_retry)
 
-    def results(self) -> list[dict[str, Any]]:
-        """`RFSFTTrainer.results()` plus the last logged DPO reward metrics (train and eval) of each run."""
-        rows = []
-        for run, row in zip(self.coordinator, super().results()):
-            for key in self.result_metrics:
-                for logged in (key, f"eval_{key}"):
-                    value = run.last_logged(logged)
-                    if value is not None:
-                        row[logged] = value
-            rows.append(row)
-        return rows
-
     def _check_run_spec(self, spec: RunSpec) -> None:
         from ..preference import validate_dpo_specs
 

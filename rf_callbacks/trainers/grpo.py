@@ -169,7 +169,12 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
 
     per_run_fields = GRPO_PER_RUN_FIELDS
     run_attributes = RUN_ATTRIBUTES + _GRPO_RUN_ATTRIBUTES
-    result_metrics = ("reward", "reward_std", "completions/mean_length", "kl")
+
+    @property
+    def result_metrics(self) -> tuple[str, ...]:
+        """What `results()` adds per run: reward, reward_std, completion length, KL and each reward function's mean."""
+        own = tuple(f"rewards/{name}/mean" for name in self.reward_func_names)
+        return ("reward", "reward_std", "completions/mean_length", "kl", *own)
 
     @checked_model
     def __init__(
@@ -380,20 +385,6 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             self.ref_model.__dict__.pop("forward", None)
             add_fused_lm_head(self.ref_model, temperature=temperature, cast_lm_head_to_fp32=cast)
         self._rf_head_temperature = temperature
-
-    def results(self) -> list[dict[str, Any]]:
-        """`RFSFTTrainer.results()` plus each run's last logged reward, reward_std, per-function rewards, mean
-        completion length and KL (train and eval)."""
-        rows = []
-        for run, row in zip(self.coordinator, super().results()):
-            keys = list(self.result_metrics) + [f"rewards/{name}/mean" for name in self.reward_func_names]
-            for key in keys:
-                for logged in (key, f"eval_{key}"):
-                    value = run.last_logged(logged)
-                    if value is not None:
-                        row[logged] = value
-            rows.append(row)
-        return rows
 
     # A run walks the data as its own `RepeatSampler` would: generation batches of `per_device_train_batch_size x
     # steps_per_generation` rows, each prompt repeated `num_generations` times, each group of prompts repeated
