@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .experiment import Experiment
+    from .rf_args import RFArgs
     from .trainers import RFDPOTrainer, RFGRPOTrainer, RFSFTTrainer
 
-__all__ = ["Experiment", "RFDPOTrainer", "RFGRPOTrainer", "RFSFTTrainer"]
+__all__ = ["Experiment", "RFArgs", "RFDPOTrainer", "RFGRPOTrainer", "RFSFTTrainer"]
 __version__ = "0.1.0"
 
 
@@ -29,6 +30,10 @@ def __getattr__(name: str):
         from .trainers import RFGRPOTrainer
 
         return RFGRPOTrainer
+    if name == "RFArgs":
+        from .rf_args import RFArgs
+
+        return RFArgs
     if name == "Experiment":
         from .experiment import Experiment
 
