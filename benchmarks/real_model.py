@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny, a local folder or a hub id")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--configs", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=24, help="optimizer steps per config (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per config (default: %(default)s)")
     parser.add_argument("--chunks", type=int, default=4, help="chunks per run (default: %(default)s)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=128)
