@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from datasets import Dataset, IterableDataset
@@ -98,7 +98,10 @@ def _coerce_args(model: Any, args: TrainingArguments | None, config_class: type,
     return config_class(**as_dict)
 
 
-def _checked_model(init: Callable) -> Callable:
+_Init = TypeVar("_Init", bound=Callable[..., None])  # keeps each trainer's __init__ signature for type checkers
+
+
+def _checked_model(init: _Init) -> _Init:
     """Refuse a `model` that is neither a hub id / path nor a model, and make a trainer that refuses to build (bad
     `num_chunks`, data...) leave the caller's model as it was: PEFT injects the runs' LoRA layers into it in place,
     and the user fixing the value and retrying must not find them there."""
@@ -123,7 +126,7 @@ def _checked_model(init: Callable) -> Callable:
                 model.set_adapter(own[1])
             raise
 
-    return wrapped
+    return cast(_Init, wrapped)
 
 
 _PEFT_MODEL_AND_CONFIG = (  # TRL's words, for the same mistake
