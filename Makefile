@@ -24,11 +24,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# mypy: the public API as a user's script calls it (tests/typecheck_public_api.py; settings in pyproject.toml)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) out rf_demo_out .pytest_cache
+	rm -rf $(VENV) out rf_demo_out .pytest_cache .mypy_cache

@@ -6,7 +6,6 @@ import atexit
 import os
 import shutil
 import tempfile
-import warnings
 
 import pytest
 
@@ -16,7 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # before any test module loads, so no test writes to the user's ~/.cache/huggingface/trackio.
 os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="rf-callbacks-tests-trackio-")
 atexit.register(shutil.rmtree, os.environ["TRACKIO_DIR"], ignore_errors=True)
-warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 @pytest.fixture(scope="session")

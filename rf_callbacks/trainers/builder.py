@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from datasets import Dataset, IterableDataset
@@ -51,7 +51,10 @@ def coerce_args(model: Any, args: TrainingArguments | None, config_class: type, 
     return config_class(**as_dict)
 
 
-def checked_model(init: Callable) -> Callable:
+_Init = TypeVar("_Init", bound=Callable[..., None])  # keeps each trainer's __init__ signature for type checkers
+
+
+def checked_model(init: _Init) -> _Init:
     """Refuse a `model` that is neither a hub id / path nor a model, and make a trainer that refuses to build (bad
     `num_chunks`, data...) leave the caller's model as it was: PEFT injects the runs' LoRA layers into it in place,
     and the user fixing the value and retrying must not find them there."""
@@ -76,7 +79,7 @@ def checked_model(init: Callable) -> Callable:
                 model.set_adapter(own[1])
             raise
 
-    return wrapped
+    return cast(_Init, wrapped)
 
 
 PEFT_MODEL_AND_CONFIG = (  # TRL's words, for the same mistake
