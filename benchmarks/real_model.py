@@ -98,7 +98,10 @@ class Bench:
             self.model_dir = resolve_model(opts.model)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         train, val = demo_datasets()
-        self.train, self.eval = train, val.select(range(min(opts.eval_rows, len(val))))
+        # One epoch = the step budget: `num_chunks` splits an epoch, so with the whole data set (117 steps of batch 4)
+        # a 16-step budget would end inside the first chunk and the runs would never rotate.
+        self.train = train.select(range(min(len(train), opts.steps * opts.batch)))
+        self.eval = val.select(range(min(opts.eval_rows, len(val))))
 
     def load(self):
         return AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.dtype).to(self.opts.device)
