@@ -31,24 +31,24 @@ class Ledger:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
         self._lock = threading.Lock()
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the experiment
 
+    # Opened per record (one event per logged step: the open is noise next to a step) so that no file handle stays
+    # open between records, even when a script never calls `trainer.close()`.
     def write(self, run: str | None, step: int, chunk: int | None, event: str, **values: Any) -> None:
         record = {"time": round(time.time(), 6), "run": run, "step": step, "chunk": chunk, "event": event, **values}
         line = json.dumps(record, default=str)
-        with self._lock:
-            self._file.write(line + "\n")
-            self._file.flush()
+        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
 
     def sync(self) -> None:
-        with self._lock:
-            os.fsync(self._file.fileno())
+        """Make every record written so far durable (fsync acts on the file, whichever handle wrote it)."""
+        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
+            os.fsync(handle.fileno())
 
     def close(self) -> None:
-        with self._lock:
-            if not self._file.closed:
-                self._file.close()
+        """Nothing stays open between records; kept so owners can close what they opened."""
 
 
 def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
