@@ -32,14 +32,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 METHODS = ("plain", "rotation", "fused")
 
 
-def configs(count: int) -> list[dict]:
+def configs(count: int, targets: str = "all-linear") -> list[dict]:
     from peft import LoraConfig
 
     ranks, rates = (8, 16), (1e-3, 4e-3, 2e-3, 5e-4)
+    modules = targets if targets == "all-linear" else targets.split(",")
     return [
         {
             "name": f"c{i}",
-            "peft_config": LoraConfig(r=ranks[i % 2], lora_alpha=2 * ranks[i % 2], target_modules="all-linear"),
+            "peft_config": LoraConfig(r=ranks[i % 2], lora_alpha=2 * ranks[i % 2], target_modules=modules),
             "learning_rate": rates[(i // 2) % 4],
         }
         for i in range(count)
@@ -57,6 +58,8 @@ def worker(opts) -> dict:
     from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets
 
     hf_logging.set_verbosity_error()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     tokenizer = build_tokenizer()
     train = demo_datasets()[0]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[opts.dtype]
@@ -88,19 +91,23 @@ def worker(opts) -> dict:
 
     cuda = opts.device == "cuda"
 
+    cpu_seconds = 0.0
+
     def timed_train(trainer) -> float:
-        """Seconds of `trainer.train()`, with the device's queued work included."""
+        """Seconds of `trainer.train()`, with the device's queued work included (and its CPU seconds counted)."""
+        nonlocal cpu_seconds
         if cuda:
             torch.cuda.synchronize()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         trainer.train()
         if cuda:
             torch.cuda.synchronize()
+        cpu_seconds += time.process_time() - cpu_started
         return time.perf_counter() - started
 
     seconds, total_tokens = 0.0, 0.0
     if opts.method == "plain":
-        for config in configs(opts.k):
+        for config in configs(opts.k, opts.targets):
             set_seed(0)
             trainer = SFTTrainer(
                 model=model(),
@@ -119,7 +126,7 @@ def worker(opts) -> dict:
             args=args(work),
             train_dataset=train,
             processing_class=tokenizer,
-            configs=configs(opts.k),
+            configs=configs(opts.k, opts.targets),
             num_chunks=opts.chunks,
             fused=opts.method == "fused",
             control_socket=False,
@@ -128,7 +135,14 @@ def worker(opts) -> dict:
         total_tokens = sum(tokens(run.state) for run in trainer.runs)
         assert all(row["status"] == "completed" for row in trainer.results()), trainer.results()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"seconds": seconds, "tokens": total_tokens, "tokens_per_s": total_tokens / seconds, "peak_bytes": peak}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "tokens": total_tokens,
+        "tokens_per_s": total_tokens / seconds,
+        "tokens_per_cpu_s": total_tokens / cpu_seconds,
+        "peak_bytes": peak,
+    }
 
 
 def main() -> None:
@@ -141,7 +155,19 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--ks", default="1,2,4,8")
     parser.add_argument(
+        "--targets", default="all-linear", help='LoRA target modules: "all-linear" or a comma list, e.g. q_proj,v_proj'
+    )
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="which of plain,rotation,fused to run (ratios need their pair)"
+    )
+    parser.add_argument(
         "--repeats", type=int, default=1, help="runs of every (method, K), interleaved; the medians are reported"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per worker (0: torch's default); 1 is steadier on a shared CPU",
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
@@ -158,16 +184,19 @@ def main() -> None:
 
     params = build_tiny_model(build_tokenizer(), hidden_size=opts.hidden, num_layers=opts.layers).num_parameters()
     device = torch.cuda.get_device_name() if opts.device == "cuda" else f"{platform.processor() or 'cpu'}"
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     print(
         f"model: Llama hidden {opts.hidden}, {opts.layers} layers, {params / 1e6:.2f}M parameters, {opts.dtype} on "
         f"{device} ({torch.get_num_threads()} threads); per-run batch {opts.batch}, {opts.steps} steps per run, "
         f"{opts.chunks} chunks"
     )
+    methods = [m for m in METHODS if m in opts.methods.split(",")]
     runs: dict[str, list[dict]] = {}
     base = [sys.executable, __file__, *sys.argv[1:]]
     for _ in range(opts.repeats):  # interleaved, so that a slow spell of the machine hits every method alike
         for k in [int(k) for k in opts.ks.split(",")]:
-            for method in METHODS:
+            for method in methods:
                 out = subprocess.run([*base, "--method", method, "--k", str(k)], capture_output=True, text=True)
                 if out.returncode != 0:
                     sys.exit(f"{method} K={k} failed:\n{out.stderr[-3000:]}")
@@ -176,25 +205,47 @@ def main() -> None:
         key: {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
             "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in rs],
+            "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] for r in rs),
             "peak_bytes": max(r["peak_bytes"] for r in rs),
         }
         for key, rs in runs.items()
     }
     print(
-        "\n| K | plain TRL tok/s | rotation tok/s | fused tok/s | fused / rotation | fused / plain | peak MiB p/r/f |"
+        "\n| K | plain TRL tok/s | rotation tok/s | fused tok/s | fused / rotation (per repeat) | fused / plain "
+        "| peak MiB p/r/f |"
     )
     print("|---|---|---|---|---|---|---|")
     summary = {}
+
+    def ratio(k: int, over: str) -> tuple[float | None, list[float]]:
+        """Median ratio of fused to `over`, and the ratio within each repeat (the two ran side by side)."""
+        if f"fused/{k}" not in runs or f"{over}/{k}" not in runs:
+            return None, []
+        pairs = [f["tokens_per_s"] / o["tokens_per_s"] for f, o in zip(runs[f"fused/{k}"], runs[f"{over}/{k}"])]
+        return results[f"fused/{k}"]["tokens_per_s"] / results[f"{over}/{k}"]["tokens_per_s"], pairs
+
+    def cell(value: float | None, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
     for k in [int(k) for k in opts.ks.split(",")]:
-        plain, rotation, fused = (results[f"{m}/{k}"] for m in METHODS)
-        ratio_rot = fused["tokens_per_s"] / rotation["tokens_per_s"]
-        ratio_plain = fused["tokens_per_s"] / plain["tokens_per_s"]
-        peaks = "/".join(f"{r['peak_bytes'] / 2**20:.0f}" for r in (plain, rotation, fused))
-        print(
-            f"| {k} | {plain['tokens_per_s']:.0f} | {rotation['tokens_per_s']:.0f} | {fused['tokens_per_s']:.0f} "
-            f"| {ratio_rot:.2f}x | {ratio_plain:.2f}x | {peaks} |"
-        )
-        summary[k] = {"fused_vs_rotation": round(ratio_rot, 3), "fused_vs_plain": round(ratio_plain, 3)}
+        plain, rotation, fused = (results.get(f"{m}/{k}") for m in METHODS)
+        (ratio_rot, pairs_rot), (ratio_plain, _) = ratio(k, "rotation"), ratio(k, "plain")
+        peaks = "/".join(cell(r and r["peak_bytes"] / 2**20, ".0f") for r in (plain, rotation, fused))
+        rates = " | ".join(cell(r and r["tokens_per_s"], ".0f") for r in (plain, rotation, fused))
+        per_repeat = f" ({'/'.join(f'{p:.2f}' for p in pairs_rot)})" if len(pairs_rot) > 1 else ""
+        print(f"| {k} | {rates} | {cell(ratio_rot, '.2f')}x{per_repeat} | {cell(ratio_plain, '.2f')}x | {peaks} |")
+        cpu_ratio = None
+        if fused and rotation:  # per CPU second: what a busy shared machine's time slicing leaves out of wall time
+            cpu_ratio = fused["tokens_per_cpu_s"] / rotation["tokens_per_cpu_s"]
+        summary[k] = {
+            "fused_vs_rotation": ratio_rot and round(ratio_rot, 3),
+            "fused_vs_rotation_cpu": cpu_ratio and round(cpu_ratio, 3),
+            "fused_vs_rotation_repeats": [round(p, 3) for p in pairs_rot],
+            "fused_vs_plain": ratio_plain and round(ratio_plain, 3),
+        }
+    for k, row in summary.items():
+        if row["fused_vs_rotation_cpu"]:
+            print(f"K={k}: fused / rotation per CPU second (medians) {row['fused_vs_rotation_cpu']:.2f}x")
     print(
         json.dumps(
             {
@@ -202,6 +253,10 @@ def main() -> None:
                 "device": device,
                 "dtype": opts.dtype,
                 "parameters": params,
+                "hidden": opts.hidden,
+                "layers": opts.layers,
+                "targets": opts.targets,
+                "threads": torch.get_num_threads(),
                 "batch": opts.batch,
                 "steps": opts.steps,
                 "repeats": opts.repeats,

@@ -69,25 +69,52 @@ def concat_batches(batches: Sequence[dict[str, Any]]) -> tuple[dict[str, torch.T
     return fused, rows, lengths
 
 
-def _mixed_forward(layer: LoraLinear, segments: Sequence[tuple[str, slice]], x: torch.Tensor, *args, **kwargs):
+class _LayerPlan:
+    """What a LoRA layer does with a fused round's segments, read once per round (the adapters' `Parameter` objects
+    stay the same while the optimizers update them in place) instead of at every forward call."""
+
+    __slots__ = ("dtype", "path", "present", "rows", "scales", "segments", "sizes", "weights")
+
+    def __init__(self, layer: LoraLinear, segments: Sequence[tuple[str, slice]]):
+        self.segments = segments
+        self.rows = segments[-1][1].stop
+        self.sizes = [rows.stop - rows.start for _, rows in segments]
+        adapters = [adapter for adapter, _ in segments]
+        self.present = tuple(adapter in layer.lora_A for adapter in adapters)
+        here = [adapter for adapter, present in zip(adapters, self.present) if present]
+        dtypes = {layer.lora_A[adapter].weight.dtype for adapter in here}
+        self.dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+        self.scales = tuple(
+            layer.scaling[adapter] if present else 0.0 for adapter, present in zip(adapters, self.present)
+        )
+        self.weights = tuple(w for a in here for w in (layer.lora_A[a].weight, layer.lora_B[a].weight))
+        if not here:
+            self.path = "base"
+        elif len(set(self.sizes)) > 1 or self.dtype is None or any(layer.lora_bias.get(a) for a in here):
+            self.path = "looped"
+        elif all(isinstance(layer.lora_dropout[a], torch.nn.Identity) for a in here):
+            self.path = "stacked"
+        else:
+            self.path = "stacked_dropout"
+
+
+def _mixed_forward(layer: LoraLinear, plan: _LayerPlan, x: torch.Tensor, *args, **kwargs):
     """`lora.Linear.forward` for a batch whose row segments belong to different adapters (vanilla LoRA: per row, the
     same operations as PEFT's forward with that row's adapter alone). Segments of equal size (and adapters of one
     dtype, without `lora_bias`) take the stacked path, the others the looped one."""
     if layer.disable_adapters:  # e.g. DPO's reference pass inside a fused round: the base alone
         return layer.base_layer(x, *args, **kwargs)
-    if x.shape[0] != segments[-1][1].stop:
-        raise RuntimeError(f"fused LoRA forward: a layer got {x.shape[0]} rows, expected {segments[-1][1].stop}")
+    if x.shape[0] != plan.rows:
+        raise RuntimeError(f"fused LoRA forward: a layer got {x.shape[0]} rows, expected {plan.rows}")
     result = layer.base_layer(x, *args, **kwargs)
-    adapters = [adapter for adapter, _ in segments]
-    present = [adapter for adapter in adapters if adapter in layer.lora_A]
-    if not present:
+    if plan.path == "base":
         return result
-    sizes = [rows.stop - rows.start for _, rows in segments]
-    dtypes = {layer.lora_A[adapter].weight.dtype for adapter in present}
-    if len(set(sizes)) == 1 and len(dtypes) == 1 and not any(layer.lora_bias.get(a) for a in present):
-        delta = _stacked_delta(layer, adapters, x, dtypes.pop())
+    if plan.path == "stacked":
+        delta = _StackedLoRA.apply(layer._cast_input_dtype(x, plan.dtype), plan.present, plan.scales, *plan.weights)
+    elif plan.path == "stacked_dropout":
+        delta = _stacked_dropout_delta(layer, [adapter for adapter, _ in plan.segments], x, plan.dtype)
     else:
-        delta = _looped_delta(layer, segments, sizes, x, result)
+        delta = _looped_delta(layer, plan.segments, plan.sizes, x, result)
     return (result + delta).to(result.dtype)  # added in the promoted dtype, then cast, as PEFT does
 
 
@@ -106,12 +133,9 @@ def _looped_delta(layer: LoraLinear, segments, sizes: list[int], x: torch.Tensor
     return torch.cat(deltas)
 
 
-def _stacked_delta(layer: LoraLinear, adapters: list[str], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Equal segments: every adapter's update in two batched matmuls, `[K, rows, in] @ [K, in, r] @ [K, r, out]`.
-
-    Ranks are zero-padded to the largest, and a segment whose adapter is not on this layer multiplies zeros. Batch `k`
-    of a `bmm` reads only adapter `k`'s weights, so a non-finite adapter still reaches only its own run's rows.
-    """
+def _stacked_dropout_delta(layer: LoraLinear, adapters: list[str], x: torch.Tensor, dtype: torch.dtype):
+    """Equal segments with LoRA dropout: the stacked products of `_StackedLoRA`, recorded op by op by autograd (the
+    dropout masks are drawn per segment, from the adapter's own dropout module, as PEFT draws them)."""
     x = layer._cast_input_dtype(x, dtype)
     rank = max(layer.r[adapter] for adapter in adapters if adapter in layer.lora_A)
     a_parts, b_parts, scales, dropouts = [], [], [], []
@@ -129,11 +153,61 @@ def _stacked_delta(layer: LoraLinear, adapters: list[str], x: torch.Tensor, dtyp
             scales.append(0.0)
             dropouts.append(torch.nn.Identity())
     segments = x.reshape(len(adapters), -1, x.shape[-1])
-    if not all(isinstance(dropout, torch.nn.Identity) for dropout in dropouts):
-        segments = torch.stack([dropout(segment) for dropout, segment in zip(dropouts, segments)])
+    segments = torch.stack([dropout(segment) for dropout, segment in zip(dropouts, segments)])
     delta = torch.bmm(torch.bmm(segments, torch.stack(a_parts).transpose(1, 2)), torch.stack(b_parts).transpose(1, 2))
     delta = delta * _scales(tuple(scales), delta.device, delta.dtype)
     return delta.reshape(*x.shape[:-1], layer.out_features)
+
+
+class _StackedLoRA(torch.autograd.Function):
+    """Equal segments without dropout: `delta_k = scale_k * x_k @ A_k^T @ B_k^T` for every segment `k` in two batched
+    matmuls, `[K, rows, in] @ [K, in, r] @ [K, r, out]`, with a hand-written backward.
+
+    The adapters' weights are copied into stacks `[K, r, in]` and `[K, r, out]` (ranks zero-padded to the largest,
+    all zeros where a segment's adapter is not on the layer, the scale folded into the second: the same products in
+    another order) outside autograd, so the graph holds one node per layer instead of a stack, a pad, a transpose and
+    a scaling per adapter; the backward computes every adapter's gradients with four batched matmuls and hands each
+    adapter its unpadded block. Batch `k` of a `bmm` reads only adapter `k`'s weights and rows, so a non-finite
+    adapter still reaches only its own run's rows (no `0 * NaN` across runs).
+
+    Inputs: `x` `[K * rows, ..., in]`, which segments have an adapter, the `K` scalings, then `A`, `B` of each present
+    adapter in segment order.
+    """
+
+    @staticmethod
+    def forward(ctx, x, present, scales, *weights):
+        a_list, b_list = weights[0::2], weights[1::2]
+        ranks = [a.shape[0] for a in a_list]
+        if all(present) and len(set(ranks)) == 1:
+            a_stack, bt_stack = torch.stack(a_list), torch.stack([b.t() for b in b_list])
+        else:  # pad_sequence zero-pads along the rank dimension in one call; absent adapters are rank 0
+            a_iter, b_iter = iter(a_list), iter(b_list)
+            empty_a, empty_b = x.new_empty((0, a_list[0].shape[1])), x.new_empty((0, b_list[0].shape[0]))
+            a_parts = [next(a_iter) if here else empty_a for here in present]
+            b_parts = [next(b_iter).t() if here else empty_b for here in present]
+            a_stack = torch.nn.utils.rnn.pad_sequence(a_parts, batch_first=True)
+            bt_stack = torch.nn.utils.rnn.pad_sequence(b_parts, batch_first=True)
+        bt_scaled = bt_stack * _scales(scales, x.device, bt_stack.dtype)
+        segments = x.reshape(len(present), -1, x.shape[-1])
+        hidden = torch.bmm(segments, a_stack.transpose(1, 2))  # [K, m, r]
+        delta = torch.bmm(hidden, bt_scaled)  # [K, m, out]
+        ctx.save_for_backward(segments, hidden, a_stack, bt_scaled)
+        ctx.present, ctx.scales, ctx.ranks, ctx.shape = present, scales, ranks, x.shape
+        return delta.reshape(*x.shape[:-1], bt_scaled.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        segments, hidden, a_stack, bt_scaled = ctx.saved_tensors
+        grad = grad.reshape(len(ctx.present), -1, bt_scaled.shape[-1])
+        grad_hidden = torch.bmm(grad, bt_scaled.transpose(1, 2))  # [K, m, r]
+        grad_x = torch.bmm(grad_hidden, a_stack).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
+        grad_a = torch.bmm(grad_hidden.transpose(1, 2), segments)  # [K, r, in]
+        grad_b = torch.bmm(grad.transpose(1, 2), hidden) * _scales(ctx.scales, grad.device, grad.dtype)  # [K, out, r]
+        weight_grads = []
+        index = [k for k, here in enumerate(ctx.present) if here]
+        for k, rank in zip(index, ctx.ranks):
+            weight_grads += [grad_a[k, :rank], grad_b[k, :, :rank]]
+        return (grad_x, None, None, *weight_grads)
 
 
 @functools.lru_cache(maxsize=256)
@@ -147,7 +221,7 @@ def mixed_adapters(layers: Sequence[LoraLinear], segments: Sequence[tuple[str, s
     """Within the block, `layers` apply each segment's adapter to its rows (kept through the backward, which
     re-runs forwards under gradient checkpointing)."""
     for layer in layers:
-        layer.forward = functools.partial(_mixed_forward, layer, segments)
+        layer.forward = functools.partial(_mixed_forward, layer, _LayerPlan(layer, segments))
     try:
         yield
     finally:
@@ -225,6 +299,7 @@ class FusedMixin:
         self._rf_fusable: dict[str, bool] = {}  # by adapter name
         self._rf_model_index: tuple = (None, [], frozenset())
         self._rf_row_bytes = 0.0  # peak device memory per batch row of a fused round (CUDA), for max_fused="auto"
+        self._rf_counted_length = 0  # CPU: the longest padded round whose saved bytes were counted
 
     def _check_fused(self, max_fused: int | str) -> None:
         """Refuse, before training, what the fused forward cannot serve (it relies on TRL's fused LM head and on
@@ -350,13 +425,14 @@ class FusedMixin:
             else:
                 self._end_slice(run, *outcome, time.time() - elapsed, ignore_keys_for_eval)
 
-    def _enter(self, run: Run) -> None:
-        """Swap `run`'s attributes and generators in, keeping the group's adapters as they are."""
+    def _enter(self, run: Run, rng: bool = True) -> None:
+        """Swap `run`'s attributes (and with `rng`, its generators) in, keeping the group's adapters as they are."""
         for name in self.run_attributes:
             setattr(self, name, run.attributes[name])
         self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
         self._rf_active = run
-        restore_rng(run.rng)
+        if rng:
+            restore_rng(run.rng)
 
     def _leave(self, run: Run) -> None:
         self._sync_attributes(run)
@@ -382,7 +458,7 @@ class FusedMixin:
     def _forward_backward(self, requests: list[tuple[Run, Request]]) -> dict[str, torch.Tensor]:
         batches = []
         for run, (inputs, _, _) in requests:
-            self._enter(run)
+            self._enter(run, rng=False)  # moving tensors draws no random numbers (and the forward's come from `first`)
             batches.append(self._prepare_inputs(inputs))
         inputs, rows, lengths = concat_batches(batches)
         segments = [(run.spec.adapter_name, r) for (run, _), r in zip(requests, rows)]
@@ -393,9 +469,14 @@ class FusedMixin:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        # Without a device allocator's peak, count the bytes autograd keeps for the backward.
+        # Without a device allocator's peak, count the bytes autograd keeps for the backward: only for "auto" and only
+        # in a round longer than any counted so far (the bytes per row grow with the padded length; a hook call per
+        # saved tensor in every round cost ~4% of a small model's round).
         layers, parameter_storages = self._model_index()
-        saved = _SavedBytes(parameter_storages) if not cuda and len(requests) > 1 else None
+        longest = inputs["input_ids"].shape[1]
+        saved = None
+        if not cuda and len(requests) > 1 and self._rf_max_fused == "auto" and longest > self._rf_counted_length:
+            saved = _SavedBytes(parameter_storages)
         with mixed_adapters(layers, segments), self.maybe_activation_offload_context:
             model.train()
             with self.compute_loss_context_manager(), saved or contextlib.nullcontext():
@@ -431,6 +512,7 @@ class FusedMixin:
             self._rf_row_bytes = max(self._rf_row_bytes, (torch.cuda.max_memory_allocated() - before) / rows_total)
         elif saved is not None:  # doubled: the backward holds activations' gradients next to what is left of them
             self._rf_row_bytes = max(self._rf_row_bytes, 2 * saved.bytes / rows_total)
+            self._rf_counted_length = longest
         return {name: loss.detach() for name, loss in losses.items()}
 
     def evaluate(self, *args, **kwargs):

@@ -97,11 +97,17 @@ def test_concat_batches_pads_each_key_and_keeps_rows():
         concat_batches([one, {"input_ids": two["input_ids"]}])
 
 
-@pytest.mark.parametrize("sizes", [(2, 1), (2, 2)], ids=["looped", "stacked"])
-def test_mixed_forward_equals_each_adapter_alone(make_model, sizes):
+@pytest.mark.parametrize(
+    ("sizes", "dropout", "path"),
+    [((2, 1), 0.0, "looped"), ((2, 2), 0.0, "stacked"), ((2, 2), 0.1, "stacked_dropout")],
+    ids=["looped", "stacked", "stacked-dropout"],
+)
+def test_mixed_forward_equals_each_adapter_alone(make_model, sizes, dropout, path):
     """Rows of a mixed batch get what PEFT's own forward gives them with their adapter alone, and each adapter gets the
-    gradient of its own rows' loss. Unequal segments take the looped path, equal ones the stacked (`bmm`) path; the
-    adapters differ in rank and target modules, so the stacked path also pads ranks and skips absent adapters."""
+    gradient of its own rows' loss. Unequal segments take the looped path, equal ones the stacked (`bmm`) path: one
+    `_StackedLoRA` autograd node with its own backward, or, with LoRA dropout modules, the op-by-op stacked products
+    (checked in eval mode, where the dropout modules pass rows through, so both sides see the same rows). The adapters
+    differ in rank and target modules, so the stacked paths also pad ranks and skip absent adapters."""
     from helpers import cpu_sft_config
     from peft.tuners.lora import Linear as LoraLinear
 
@@ -112,8 +118,10 @@ def test_mixed_forward_equals_each_adapter_alone(make_model, sizes):
         {"name": "x", "peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)},
         {"name": "y", "peft_config": LoraConfig(r=2, target_modules=["v_proj", "up_proj"], init_lora_weights=False)},
     ]
+    for config in configs:
+        config["peft_config"].lora_dropout = dropout
     specs = parse_configs(configs, cpu_sft_config("unused"), None, set(), lambda name: name)
-    model = attach_adapters(make_model(), specs).train()
+    model = attach_adapters(make_model(), specs).train(mode=not dropout)
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
     ids = torch.randint(4, 100, (sum(sizes), 7))
@@ -126,6 +134,7 @@ def test_mixed_forward_equals_each_adapter_alone(make_model, sizes):
         return found
 
     with mixed_adapters(layers, [("x", x_rows), ("y", y_rows)]):
+        assert {layer.forward.args[1].path for layer in layers} == {path}
         mixed = model(input_ids=ids).logits
         (mixed[x_rows].square().mean() + mixed[y_rows].square().mean()).backward()
     mixed_grads = grads()
