@@ -30,7 +30,6 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert not failed, failed
     assert results["exactness"]["ok"] is True  # rotation vs alone, bit-exact under full_determinism
     assert results["oom_retry"]["ok"] is None  # needs CUDA: recorded as skipped, not passed
-    assert results["throughput"]["fused_vs_rotation/8"] > 0 and results["time_to_winner"]["halving_winner"]
+    assert results["throughput"]["fused_vs_rotation/4"] > 0 and results["time_to_winner"]["halving_winner"]
     table = (out / "results.md").read_text()
     assert table.count("\n| ") == 8  # header + one row per check
-    assert summary["total_s"] < 120
