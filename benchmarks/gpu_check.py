@@ -416,7 +416,7 @@ def main() -> None:
             check.reset_peak()
     device = torch.cuda.get_device_name() if check.cuda else f"CPU ({os.cpu_count()} cores)"
     lines = [
-        f"Device: {device}; torch {torch.__version__}; model {check.params / 1e9:.3f}B parameters, "
+        f"Device: {device}; torch {torch.__version__}; model {check.params / 1e6:.1f}M parameters, "
         f"{'bf16' if check.cuda else 'fp32'}; batch {opts.batch}; {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         "| check | result | ok | seconds |",

@@ -8,9 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# ~70 s of CPU time on a 2-core machine (3-4 min of wall time when other jobs share the cores)
+@pytest.mark.slow
 def test_gpu_check_dry_run_on_cpu(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
