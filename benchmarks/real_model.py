@@ -153,8 +153,10 @@ class Bench:
             del trainer
         return rows
 
-    def rotation(self, count: int, steps: int, timer: StepTimer | None = None, halving: bool = False) -> dict:
-        out = f"{self.work}/rotation-{count}-{'sh' if halving else 'all'}"
+    def rotation(
+        self, count: int, steps: int, timer: StepTimer | None = None, halving: bool = False, fused: bool = False
+    ) -> dict:
+        out = f"{self.work}/rotation-{count}-{'sh' if halving else 'all'}{'-fused' if fused else ''}"
         started_wall, started = time.time(), time.perf_counter()
         set_seed(0)
         trainer = RFSFTTrainer(
@@ -168,6 +170,7 @@ class Bench:
             policies=[SuccessiveHalving(eta=2, min_chunks=1)] if halving else None,
             boundary_eval=not halving,  # halving: evaluate only at its rungs and at the end, like a pruner would
             control_socket=False,
+            fused=fused,
             callbacks=[timer] if timer else None,
         )
         trainer.remove_callback(PrinterCallback)
@@ -232,6 +235,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--eval-rows", type=int, default=16)
     parser.add_argument("--eval-batch", type=int, default=8)
+    parser.add_argument("--skip-fused", action="store_true", help="skip the `fused=True` run beside the rotation")
     parser.add_argument("--skip-rss", action="store_true", help="skip the 1 vs 4 configs peak-RSS subprocesses")
     parser.add_argument("--quick", action="store_true", help="4 steps per config, 4 chunks, 4 eval rows (a test)")
     parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
@@ -253,6 +257,7 @@ def main() -> None:
         plain_rows = bench.plain(opts.configs, opts.steps, evaluate=True, timer=plain_timer)
         rotation = bench.rotation(opts.configs, opts.steps, timer=rotation_timer)
         halving = bench.rotation(opts.configs, opts.steps, halving=True)
+        fused = None if opts.skip_fused else bench.rotation(opts.configs, opts.steps, fused=True)
         rss_1 = rss_n = None
         if not opts.skip_rss:
             rss_1, rss_n = measure_rss(opts, 1), measure_rss(opts, opts.configs)
@@ -274,6 +279,9 @@ def main() -> None:
         "plain_sequential_s": round(plain_s, 2),
         "rotation_s": round(rotation["seconds"], 2),
         "wall_ratio": round(rotation["seconds"] / plain_s, 3),
+        # Reported beside the rotation, never instead of it: the same runs, their chunks in one forward/backward.
+        "fused_s": fused and round(fused["seconds"], 2),
+        "fused_wall_ratio": fused and round(fused["seconds"] / plain_s, 3),
         "plain_per_config": plain_rows,
         "profile": {k: round(v, 3) if isinstance(v, float) else v for k, v in prof.items()},
         "peak_rss_1_config_mib": rss_1 and round(rss_1, 1),
@@ -289,13 +297,22 @@ def main() -> None:
             "same_pick": halving["winner"] == best["name"],
             "gap": halving["eval_loss"] - best["eval_loss"],
         },
-        "all_completed": rotation["all_completed"],
+        "all_completed": rotation["all_completed"] and (fused is None or fused["all_completed"]),
         "total_s": round(time.perf_counter() - began, 1),
     }
     rows = [
         (f"plain SFTTrainer, {opts.configs} configs one after another", f"{plain_s:.1f} s"),
         (f"RFSFTTrainer, {opts.configs} configs x {opts.chunks} chunks", f"{rotation['seconds']:.1f} s"),
         ("wall ratio (target <= 0.85)", f"{result['wall_ratio']:.3f}"),
+    ]
+    if fused is not None:
+        rows.append(
+            (
+                "RFSFTTrainer(fused=True), same runs: time / wall ratio",
+                f"{fused['seconds']:.1f} s / {result['fused_wall_ratio']:.3f}",
+            )
+        )
+    rows += [
         (
             "step time (on_step_begin -> on_step_end): plain / rotation",
             f"{prof['plain_step_ms']:.0f} / {prof['rotation_step_ms']:.0f} ms",

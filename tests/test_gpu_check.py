@@ -1,4 +1,4 @@
-"""`benchmarks/gpu_check.sh --device cpu --tiny`: the prepared GPU check runs every check end to end on a CPU."""
+"""The benchmark scripts as CPU dry runs: `gpu_check.sh --device cpu --tiny`, `real_model.py --quick --model tiny`."""
 
 from __future__ import annotations
 
@@ -37,3 +37,28 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert results["throughput"]["fused_vs_rotation/4"] > 0 and results["time_to_winner"]["halving_winner"]
     table = (out / "results.md").read_text()
     assert table.count("\n| ") == 8  # header + one row per check
+
+
+def test_real_model_benchmark_quick_run(tmp_path):
+    """`real_model.py --quick --model tiny`: every measurement of the real-model benchmark runs and reports."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "real_model.py"), "--quick", "--model", "tiny"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["all_completed"] and result["time_to_winner"]["same_pick"]
+    # both sides were profiled over the same number of optimizer steps (4 configs x 4 steps)
+    assert result["profile"]["steps"] == result["profile"]["rotation_steps"] == 16
+    assert result["fused_wall_ratio"] > 0 and result["peak_rss_4_configs_mib"] >= result["peak_rss_1_config_mib"] > 0
+    assert [row["name"] for row in result["plain_per_config"]] == [
+        "r4-lr0.0002",
+        "r16-lr0.0002",
+        "r4-lr0.001",
+        "r16-lr0.001",
+    ]
