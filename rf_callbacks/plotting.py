@@ -10,13 +10,14 @@ matplotlib is imported inside [`ledger_figure`] and [`plot_ledger`], so importin
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .reporting import iter_ledger
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -48,32 +49,27 @@ def _read_ledger(
     series: dict[str, dict[str, dict[float, float]]] = {metric: {} for metric in metrics}
     boundaries: dict[str, list[float]] = {}
     runs: list[str] = []
-    with open(ledger_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(record, dict) or record.get("event") not in _KNOWN_EVENTS:
-                continue
-            run, step = record.get("run"), record.get("step")
-            if not isinstance(run, str) or not _is_number(step):
-                continue
-            if run not in boundaries:
-                runs.append(run)
-                boundaries[run] = []
-            # The trainer writes the boundary at the step the chunk ended, and none at a run's end; guessing it from
-            # a change in the `chunk` of logs would be up to `logging_steps` late and could mark the run's end too.
-            if record["event"] == "boundary":
-                boundaries[run].append(step)
-            if record["event"] != "log":
-                continue
-            for metric in metrics:
-                value = record.get(metric)
-                # Non-finite values (a diverged run) would wreck the axis limits; the run's failure shows in status.
-                if _is_number(value) and math.isfinite(value):
-                    # A run resumed from a checkpoint logs some steps again; the later value wins.
-                    series[metric].setdefault(run, {})[step] = float(value)
+    for record in iter_ledger(ledger_path):
+        if record.get("event") not in _KNOWN_EVENTS:
+            continue
+        run, step = record.get("run"), record.get("step")
+        if not isinstance(run, str) or not _is_number(step):
+            continue
+        if run not in boundaries:
+            runs.append(run)
+            boundaries[run] = []
+        # The trainer writes the boundary at the step the chunk ended, and none at a run's end; guessing it from
+        # a change in the `chunk` of logs would be up to `logging_steps` late and could mark the run's end too.
+        if record["event"] == "boundary":
+            boundaries[run].append(step)
+        if record["event"] != "log":
+            continue
+        for metric in metrics:
+            value = record.get(metric)
+            # Non-finite values (a diverged run) would wreck the axis limits; the run's failure shows in status.
+            if _is_number(value) and math.isfinite(value):
+                # A run resumed from a checkpoint logs some steps again; the later value wins.
+                series[metric].setdefault(run, {})[step] = float(value)
     return series, boundaries, runs
 
 
@@ -186,14 +182,9 @@ def plot_ledger(
 def ledger_metrics(ledger_path: str | os.PathLike) -> list[str]:
     """The numeric keys of a ledger's `"log"` events (`loss`, `eval_loss`, ...), in order of first appearance."""
     seen: dict[str, None] = {}
-    with open(ledger_path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("event") == "log":
-                seen.update(
-                    (key, None) for key, value in record.items() if key not in _RECORD_FIELDS and _is_number(value)
-                )
+    for record in iter_ledger(ledger_path):
+        if record.get("event") == "log":
+            seen.update(
+                (key, None) for key, value in record.items() if key not in _RECORD_FIELDS and _is_number(value)
+            )
     return list(seen)

@@ -14,6 +14,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,18 +52,21 @@ class Ledger:
         """Nothing stays open between records; kept so owners can close what they opened."""
 
 
-def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every well-formed record of a ledger, in order (a line cut short by a crash is skipped)."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
+def iter_ledger(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """Every well-formed record of a ledger, in order: a line cut short by a crash (or garbled bytes) is skipped."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for line in handle:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:
                 continue
             if isinstance(record, dict):
-                records.append(record)
-    return records
+                yield record
+
+
+def read_ledger(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every well-formed record of a ledger, in order, as a list (see [`iter_ledger`])."""
+    return list(iter_ledger(path))
 
 
 def write_json_atomic(path: str | os.PathLike, payload: dict[str, Any]) -> None:
