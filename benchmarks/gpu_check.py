@@ -49,7 +49,7 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from rf_callbacks import RFSFTTrainer  # noqa: E402
 from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets  # noqa: E402
-from rf_callbacks.mixin import MultiConfigMixin  # noqa: E402
+from rf_callbacks.engine import MultiConfigMixin  # noqa: E402
 from rf_callbacks.policies import SuccessiveHalving  # noqa: E402
 
 hf_logging.set_verbosity_error()

@@ -42,7 +42,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, SFTConfig, SFTTr
 
 from rf_callbacks import RFDPOTrainer, RFGRPOTrainer, RFSFTTrainer  # noqa: E402
 from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets, load_instructions  # noqa: E402
-from rf_callbacks.mixin import MultiConfigMixin  # noqa: E402
+from rf_callbacks.engine import MultiConfigMixin  # noqa: E402
 from rf_callbacks.preference import load_preferences  # noqa: E402
 
 hf_logging.set_verbosity_error()

@@ -1,9 +1,9 @@
 """Fused multi-adapter training: several runs' micro-batches in one forward and one backward over the shared base.
 
 With `fused=True`, runs at the same chunk form a group (at most `max_fused`). Each round, every member's step
-generator (`MultiConfigMixin._train_steps`, the same code rotation runs) yields its next micro-batch; the batches
+generator (`RotationLoop._train_steps` in `loop.py`, the code rotation runs) yields its next micro-batch; the batches
 are concatenated along the batch dimension (padded to the longest sequence), the frozen base runs once, and every
-LoRA layer adds each run's adapter to that run's rows only (`_mixed_forward`: PEFT's `adapter_names=` mixed batch
+LoRA layer adds each run's adapter to that run's rows only (`fused_lora.py`: PEFT's `adapter_names=` mixed batch
 refuses training mode, and it indexes rows where contiguous slices suffice). With equal micro-batch sizes a layer
 computes all adapters' updates in two batched matmuls; otherwise it applies them segment by segment. Each run's
 loss comes from TRL's own `compute_loss` on its rows of the fused LM head's per-token outputs, the losses are summed
@@ -19,11 +19,10 @@ random masks come from its first run's generator, so runs see different (equally
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -32,201 +31,11 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from trl.trainer.utils import FusedCausalLMOutput
 
+from .fused_lora import concat_batches, mixed_adapters
 from .parking import capture_rng, reload_optimizer, restore_rng
 from .run import Run
 
 logger = logging.getLogger(__name__)
-
-_PAD = {"labels": -100}  # every other padded key (input_ids, attention_mask, position_ids) is masked out anyway
-
-
-def concat_batches(batches: Sequence[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[slice], list[int]]:
-    """Concatenate collated micro-batches along the batch dimension, right-padding sequences to the longest.
-
-    Returns the batch, each input's rows, and each input's sequence length.
-    """
-    keys = set(batches[0])
-    if any(set(batch) != keys for batch in batches):
-        raise ValueError(f"micro-batches have different keys: {[sorted(batch) for batch in batches]}")
-    lengths = [batch["input_ids"].shape[1] for batch in batches]
-    longest = max(lengths)
-    fused = {}
-    for key in batches[0]:
-        parts = []
-        for batch, length in zip(batches, lengths):
-            value = batch[key]
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"micro-batch key {key!r} holds a {type(value).__name__}, not a tensor")
-            if value.dim() >= 2 and value.shape[1] == length < longest:
-                pad = value.new_full((value.shape[0], longest - length, *value.shape[2:]), _PAD.get(key, 0))
-                value = torch.cat([value, pad], dim=1)
-            parts.append(value)
-        fused[key] = torch.cat(parts)
-    rows, start = [], 0
-    for batch in batches:
-        rows.append(slice(start, start + batch["input_ids"].shape[0]))
-        start = rows[-1].stop
-    return fused, rows, lengths
-
-
-class _LayerPlan:
-    """What a LoRA layer does with a fused round's segments, read once per round (the adapters' `Parameter` objects
-    stay the same while the optimizers update them in place) instead of at every forward call."""
-
-    __slots__ = ("dtype", "path", "present", "rows", "scales", "segments", "sizes", "weights")
-
-    def __init__(self, layer: LoraLinear, segments: Sequence[tuple[str, slice]]):
-        self.segments = segments
-        self.rows = segments[-1][1].stop
-        self.sizes = [rows.stop - rows.start for _, rows in segments]
-        adapters = [adapter for adapter, _ in segments]
-        self.present = tuple(adapter in layer.lora_A for adapter in adapters)
-        here = [adapter for adapter, present in zip(adapters, self.present) if present]
-        dtypes = {layer.lora_A[adapter].weight.dtype for adapter in here}
-        self.dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
-        self.scales = tuple(
-            layer.scaling[adapter] if present else 0.0 for adapter, present in zip(adapters, self.present)
-        )
-        self.weights = tuple(w for a in here for w in (layer.lora_A[a].weight, layer.lora_B[a].weight))
-        if not here:
-            self.path = "base"
-        elif len(set(self.sizes)) > 1 or self.dtype is None or any(layer.lora_bias.get(a) for a in here):
-            self.path = "looped"
-        elif all(isinstance(layer.lora_dropout[a], torch.nn.Identity) for a in here):
-            self.path = "stacked"
-        else:
-            self.path = "stacked_dropout"
-
-
-def _mixed_forward(layer: LoraLinear, plan: _LayerPlan, x: torch.Tensor, *args, **kwargs):
-    """`lora.Linear.forward` for a batch whose row segments belong to different adapters (vanilla LoRA: per row, the
-    same operations as PEFT's forward with that row's adapter alone). Segments of equal size (and adapters of one
-    dtype, without `lora_bias`) take the stacked path, the others the looped one."""
-    if layer.disable_adapters:  # e.g. DPO's reference pass inside a fused round: the base alone
-        return layer.base_layer(x, *args, **kwargs)
-    if x.shape[0] != plan.rows:
-        raise RuntimeError(f"fused LoRA forward: a layer got {x.shape[0]} rows, expected {plan.rows}")
-    result = layer.base_layer(x, *args, **kwargs)
-    if plan.path == "base":
-        return result
-    if plan.path == "stacked":
-        delta = _StackedLoRA.apply(layer._cast_input_dtype(x, plan.dtype), plan.present, plan.scales, *plan.weights)
-    elif plan.path == "stacked_dropout":
-        delta = _stacked_dropout_delta(layer, [adapter for adapter, _ in plan.segments], x, plan.dtype)
-    else:
-        delta = _looped_delta(layer, plan.segments, plan.sizes, x, result)
-    return (result + delta).to(result.dtype)  # added in the promoted dtype, then cast, as PEFT does
-
-
-def _looped_delta(layer: LoraLinear, segments, sizes: list[int], x: torch.Tensor, result: torch.Tensor):
-    """Each segment through its own adapter's `lora_A`/`lora_B` modules."""
-    # One `split` and one `cat`: their backwards are one concatenation and views. Slicing rows instead makes every
-    # segment's backward write a zero-filled gradient of the whole batch (quadratic in the group size).
-    deltas = []
-    for (adapter, _), sub, size in zip(segments, x.split(sizes), sizes):
-        if adapter in layer.lora_A:
-            lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
-            sub = layer._cast_input_dtype(sub, lora_A.weight.dtype)
-            deltas.append(lora_B(lora_A(layer.lora_dropout[adapter](sub))) * layer.scaling[adapter])
-        else:
-            deltas.append(result.new_zeros((size, *result.shape[1:])))
-    return torch.cat(deltas)
-
-
-def _stacked_dropout_delta(layer: LoraLinear, adapters: list[str], x: torch.Tensor, dtype: torch.dtype):
-    """Equal segments with LoRA dropout: the stacked products of `_StackedLoRA`, recorded op by op by autograd (the
-    dropout masks are drawn per segment, from the adapter's own dropout module, as PEFT draws them)."""
-    x = layer._cast_input_dtype(x, dtype)
-    rank = max(layer.r[adapter] for adapter in adapters if adapter in layer.lora_A)
-    a_parts, b_parts, scales, dropouts = [], [], [], []
-    for adapter in adapters:
-        if adapter in layer.lora_A:
-            a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-            pad = rank - a.shape[0]
-            a_parts.append(torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
-            b_parts.append(torch.nn.functional.pad(b, (0, pad)) if pad else b)
-            scales.append(layer.scaling[adapter])
-            dropouts.append(layer.lora_dropout[adapter])
-        else:
-            a_parts.append(x.new_zeros((rank, layer.in_features)))
-            b_parts.append(x.new_zeros((layer.out_features, rank)))
-            scales.append(0.0)
-            dropouts.append(torch.nn.Identity())
-    segments = x.reshape(len(adapters), -1, x.shape[-1])
-    segments = torch.stack([dropout(segment) for dropout, segment in zip(dropouts, segments)])
-    delta = torch.bmm(torch.bmm(segments, torch.stack(a_parts).transpose(1, 2)), torch.stack(b_parts).transpose(1, 2))
-    delta = delta * _scales(tuple(scales), delta.device, delta.dtype)
-    return delta.reshape(*x.shape[:-1], layer.out_features)
-
-
-class _StackedLoRA(torch.autograd.Function):
-    """Equal segments without dropout: `delta_k = scale_k * x_k @ A_k^T @ B_k^T` for every segment `k` in two batched
-    matmuls, `[K, rows, in] @ [K, in, r] @ [K, r, out]`, with a hand-written backward.
-
-    The adapters' weights are copied into stacks `[K, r, in]` and `[K, r, out]` (ranks zero-padded to the largest,
-    all zeros where a segment's adapter is not on the layer, the scale folded into the second: the same products in
-    another order) outside autograd, so the graph holds one node per layer instead of a stack, a pad, a transpose and
-    a scaling per adapter; the backward computes every adapter's gradients with four batched matmuls and hands each
-    adapter its unpadded block. Batch `k` of a `bmm` reads only adapter `k`'s weights and rows, so a non-finite
-    adapter still reaches only its own run's rows (no `0 * NaN` across runs).
-
-    Inputs: `x` `[K * rows, ..., in]`, which segments have an adapter, the `K` scalings, then `A`, `B` of each present
-    adapter in segment order.
-    """
-
-    @staticmethod
-    def forward(ctx, x, present, scales, *weights):
-        a_list, b_list = weights[0::2], weights[1::2]
-        ranks = [a.shape[0] for a in a_list]
-        if all(present) and len(set(ranks)) == 1:
-            a_stack, bt_stack = torch.stack(a_list), torch.stack([b.t() for b in b_list])
-        else:  # pad_sequence zero-pads along the rank dimension in one call; absent adapters are rank 0
-            a_iter, b_iter = iter(a_list), iter(b_list)
-            empty_a, empty_b = x.new_empty((0, a_list[0].shape[1])), x.new_empty((0, b_list[0].shape[0]))
-            a_parts = [next(a_iter) if here else empty_a for here in present]
-            b_parts = [next(b_iter).t() if here else empty_b for here in present]
-            a_stack = torch.nn.utils.rnn.pad_sequence(a_parts, batch_first=True)
-            bt_stack = torch.nn.utils.rnn.pad_sequence(b_parts, batch_first=True)
-        bt_scaled = bt_stack * _scales(scales, x.device, bt_stack.dtype)
-        segments = x.reshape(len(present), -1, x.shape[-1])
-        hidden = torch.bmm(segments, a_stack.transpose(1, 2))  # [K, m, r]
-        delta = torch.bmm(hidden, bt_scaled)  # [K, m, out]
-        ctx.save_for_backward(segments, hidden, a_stack, bt_scaled)
-        ctx.present, ctx.scales, ctx.ranks, ctx.shape = present, scales, ranks, x.shape
-        return delta.reshape(*x.shape[:-1], bt_scaled.shape[-1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        segments, hidden, a_stack, bt_scaled = ctx.saved_tensors
-        grad = grad.reshape(len(ctx.present), -1, bt_scaled.shape[-1])
-        grad_hidden = torch.bmm(grad, bt_scaled.transpose(1, 2))  # [K, m, r]
-        grad_x = torch.bmm(grad_hidden, a_stack).reshape(ctx.shape) if ctx.needs_input_grad[0] else None
-        grad_a = torch.bmm(grad_hidden.transpose(1, 2), segments)  # [K, r, in]
-        grad_b = torch.bmm(grad.transpose(1, 2), hidden) * _scales(ctx.scales, grad.device, grad.dtype)  # [K, out, r]
-        weight_grads = []
-        index = [k for k, here in enumerate(ctx.present) if here]
-        for k, rank in zip(index, ctx.ranks):
-            weight_grads += [grad_a[k, :rank], grad_b[k, :, :rank]]
-        return (grad_x, None, None, *weight_grads)
-
-
-@functools.lru_cache(maxsize=256)
-def _scales(scales: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Per-segment LoRA scalings as a `[K, 1, 1]` tensor, made once per group (not copied to the device per layer)."""
-    return torch.tensor(scales, dtype=dtype, device=device).view(-1, 1, 1)
-
-
-@contextlib.contextmanager
-def mixed_adapters(layers: Sequence[LoraLinear], segments: Sequence[tuple[str, slice]]):
-    """Within the block, `layers` apply each segment's adapter to its rows (kept through the backward, which
-    re-runs forwards under gradient checkpointing)."""
-    for layer in layers:
-        layer.forward = functools.partial(_mixed_forward, layer, _LayerPlan(layer, segments))
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
 
 
 class _SavedBytes(torch.autograd.graph.saved_tensors_hooks):

@@ -177,3 +177,16 @@ def test_per_run_fields_in_the_docs_are_the_code_lists():
             f"docs/{page} lists {sorted(documented - fields)} that the code does not take per run, "
             f"and misses {sorted(fields - documented)}"
         )
+
+
+def test_every_module_is_in_the_maintainer_layout():
+    """The code layout table names every module of the package (a moved or new module updates the page)."""
+    layout = (ROOT / "docs" / "maintainers.md").read_text().split("## The path of the data")[0]
+    package = ROOT / "rf_callbacks"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "__init__.py" or path.parent.name == "data":  # `data/` is one row; packages by their files
+            continue
+        if f"`{path.name}`" not in layout and f"`{path.relative_to(package).as_posix()}`" not in layout:
+            missing.append(path.relative_to(package).as_posix())
+    assert not missing, f"modules missing from docs/maintainers.md's code layout: {missing}"

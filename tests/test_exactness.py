@@ -15,7 +15,7 @@ from transformers import TrainerCallback, set_seed
 from trl import SFTTrainer
 
 from rf_callbacks import RFSFTTrainer
-from rf_callbacks.mixin import MultiConfigMixin
+from rf_callbacks.engine import MultiConfigMixin
 
 
 def adapter_weights(model, name: str) -> dict[str, torch.Tensor]:
@@ -131,7 +131,7 @@ def test_negative_controls_make_rotation_test_fail(
     broken, alone_a, make_model, tokenizer, chat_data, sft_args, tmp_path, monkeypatch
 ):
     if broken == "rng":
-        monkeypatch.setattr("rf_callbacks.mixin.restore_rng", lambda state: None)
+        monkeypatch.setattr("rf_callbacks.loop.restore_rng", lambda state: None)
     else:
         original = MultiConfigMixin._activate
         breaker = _break_optimizer if broken == "optimizer" else _break_scheduler

@@ -12,7 +12,7 @@ from test_exactness import adapter_weights, max_abs_diff
 from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFGRPOTrainer, RFSFTTrainer
-from rf_callbacks.fused import concat_batches, mixed_adapters
+from rf_callbacks.fused_lora import concat_batches, mixed_adapters
 
 # Different ranks, alphas, learning rates, target modules, batch sizes and gradient accumulation.
 FOUR_RUNS = [

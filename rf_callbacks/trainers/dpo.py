@@ -15,8 +15,9 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from ..dropin import drop_in
-from ..mixin import RUN_ATTRIBUTES, MultiConfigMixin
+from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
 from ..oom import init_oom_retry
+from ..preference import DPO_PROCESS_WIDE_REASONS, validate_dpo_specs
 from ..rf_args import RFArgs
 from .builder import (
     attach_run_adapters,
@@ -26,6 +27,7 @@ from .builder import (
     named_datasets,
     validate_setup,
 )
+from .reference import no_ref_adapter_copy, refuse_ref_name
 
 DPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
     "max_length",
@@ -133,7 +135,6 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         parallel: str = "auto",
     ):
         rf = RFArgs.take(locals())  # the options, validated (one list for every trainer: rf_args.py)
-        from ..preference import DPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_dpo_specs
 
         args = coerce_args(model, args, DPOConfig, "DPO")
         for index, config in enumerate(configs or []):
@@ -186,7 +187,6 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         init_oom_retry(self, rf.oom_retry)
 
     def _check_run_spec(self, spec: RunSpec) -> None:
-        from ..preference import validate_dpo_specs
 
         validate_dpo_specs([spec])
 

@@ -16,7 +16,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from ..dropin import drop_in
-from ..mixin import RUN_ATTRIBUTES, MultiConfigMixin
+from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
 from ..rf_args import RFArgs
 from ..streams import is_stream
 from .builder import (
@@ -27,6 +27,8 @@ from .builder import (
     refuse_fused,
     validate_setup,
 )
+from .grpo_checks import GRPO_PROCESS_WIDE_REASONS, validate_grpo_specs
+from .reference import no_ref_adapter_copy, refuse_ref_name
 
 GRPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
     "num_generations",
@@ -218,8 +220,6 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
                 )
         import copy
 
-        from ..preference import GRPO_PROCESS_WIDE_REASONS, no_ref_adapter_copy, refuse_ref_name, validate_grpo_specs
-
         if rf.oom_retry:
             raise ValueError(
                 f"oom_retry={rf.oom_retry!r}: RFGRPOTrainer cannot retry a step that ran out of memory yet (a smaller "
@@ -313,7 +313,6 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         self._rf_shared_args = template
 
     def _check_run_spec(self, spec: RunSpec) -> None:
-        from ..preference import validate_grpo_specs
 
         validate_grpo_specs([spec], len(self.reward_funcs), evaluates=self.eval_dataset is not None)
 

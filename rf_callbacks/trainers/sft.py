@@ -14,7 +14,7 @@ from trl.data_utils import is_conversational
 
 from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from ..dropin import drop_in
-from ..mixin import RUN_ATTRIBUTES, MultiConfigMixin
+from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
 from ..oom import init_oom_retry
 from ..rf_args import RFArgs
 from .builder import (
