@@ -40,7 +40,6 @@ from transformers import TrainerState
 
 from .oom import halve_micro_batch
 from .ops import Op, OpError
-from .reporters import Deferred
 from .reporting import write_json_atomic
 from .run import TRAINER_SCALARS, Run
 
@@ -149,20 +148,18 @@ class CheckpointMixin:
             else:
                 self._write_run(run, folder)
             records.append(self._run_record(run))
-        for reporter in self._rf_reporters:
-            reporter.flush()
-        self._rf_ledger.sync()
+        ledger_bytes = self._rf_records.flush()
         manifest = {
             "format": FORMAT,
             "trainer": type(self).__name__,
             "boundary": self._rf_boundaries,
             "time": time.time(),
-            "ledger_bytes": self._rf_ledger.path.stat().st_size,
+            "ledger_bytes": ledger_bytes,
             "num_chunks": self._rf_num_chunks,
             "runs": records,
             "pending_ops": [self._op_record(op) for op in self._rf_pending],
             "policies": [_policy_state(policy) for policy in self._rf_policies],
-            "reporters": [reporter.state_dict() for reporter in self._rf_reporters],
+            "reporters": self._rf_records.state_dict(),
             "argv": [sys.executable, *sys.argv],
             "cwd": os.getcwd(),
         }
@@ -175,7 +172,7 @@ class CheckpointMixin:
             run.checkpoint_files, run.dirty = final / "runs" / run.name, False
         self._rf_since_checkpoint = 0
         self._rf_last_checkpoint = final
-        self._rf_ledger.write(None, None, None, "checkpoint", path=str(final))
+        self._rf_records.write(None, None, None, "checkpoint", path=str(final))
         done = sorted((p for p in root.glob("checkpoint-*") if p != final and _number(p) >= 0), key=_number)
         for old in done[: max(0, len(done) - self._rf_keep + 1)]:
             shutil.rmtree(old, ignore_errors=True)
@@ -185,13 +182,7 @@ class CheckpointMixin:
         """Close the reporters and the ledger. After an interrupted `train()` the reporters still hold what came
         after the last checkpoint: it is sent now, and `reported.json` in that checkpoint records how many logs of
         each run went out, so that a resume from it does not send them again."""
-        sent = []
-        for reporter in self._rf_reporters:
-            if isinstance(reporter, Deferred):
-                reporter.send()
-                sent.append(reporter.reported())
-            else:
-                sent.append({})
+        sent = self._rf_records.send_held()
         last = self._rf_last_checkpoint
         if any(sent) and last is not None and last.exists():
             write_json_atomic(last / "reported.json", {"reporters": sent})
@@ -302,19 +293,15 @@ class CheckpointMixin:
             raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {self._rf_num_chunks}")
         ledger = self._rf_output_dir / "ledger.jsonl"
         replay = []
-        main = getattr(self, "_rf_dist", None) is None or self._rf_dist.main  # several processes: rank 0's records
+        main = self._rf_records.is_main  # several processes: rank 0's records
         if ledger.exists() and main:
             replay = self._outside_ops_after(ledger, manifest["ledger_bytes"])
-            with open(ledger, "r+b") as handle:  # what came after the checkpoint is written again
-                handle.truncate(manifest["ledger_bytes"])
-        self._open_experiment(resuming=True)
-        for reporter, state in zip(self._rf_reporters, manifest["reporters"]):
-            reporter.load_state_dict(state)
-        if (path / "reported.json").exists():  # logs an interrupted process sent after this checkpoint
+            self._rf_records.truncate(manifest["ledger_bytes"])  # what came after the checkpoint is written again
+        self._rf_records.open(resuming=True)
+        reported = None  # logs an interrupted process sent after this checkpoint
+        if (path / "reported.json").exists():
             reported = json.loads((path / "reported.json").read_text(encoding="utf-8"))["reporters"]
-            for reporter, counts in zip(self._rf_reporters, reported):
-                if isinstance(reporter, Deferred):
-                    reporter.skip = dict(counts)
+        self._rf_records.load_state_dict(manifest["reporters"], reported)
         for record in records:
             if record["clone"] is not None:
                 self._restore_clone(record["clone"])
@@ -328,7 +315,7 @@ class CheckpointMixin:
                 op.spec = self._clone_spec(op)
         self._rf_boundaries = manifest["boundary"]
         self._rf_last_checkpoint = path
-        self._rf_ledger.write(None, None, None, "resumed", path=str(path), replayed_ops=len(replay))
+        self._rf_records.write(None, None, None, "resumed", path=str(path), replayed_ops=len(replay))
         for op in replay:
             with contextlib.suppress(OpError):  # no longer valid here: recorded as refused, with the reason
                 self.submit_op(op)

@@ -40,7 +40,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +50,6 @@ from accelerate.utils import DistributedType
 
 from .checkpoint import _load_policy_state, _policy_state
 from .ops import Op
-from .reporting import write_run_json
 
 if TYPE_CHECKING:
     from .run import Run
@@ -97,27 +95,6 @@ def local_view():
     finally:
         for shared, values in saved:
             shared.update(values)
-
-
-class BufferLedger:
-    """The ledger of a rank other than 0: it keeps the records written while this rank trains its runs (they go to
-    rank 0 at the end of the round) and drops the rest (rank 0 writes those itself)."""
-
-    path = None
-
-    def __init__(self) -> None:
-        self.records: list[tuple] = []
-        self.recording = False
-
-    def write(self, run, step, chunk, event, **values) -> None:
-        if self.recording:  # with the time it happened (rank 0 writes it later)
-            self.records.append((run, step, chunk, event, {"time": round(time.time(), 6), **values}))
-
-    def sync(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class DistributedMixin:
@@ -181,7 +158,6 @@ class Distributed:
             from transformers.trainer_callback import PrinterCallback
 
             trainer.callback_handler.remove_callback(PrinterCallback)  # it prints every log; rank 0 prints them
-            trainer._rf_ledger = BufferLedger()
             trainer._rf_progress.open = lambda disable=False, _open=trainer._rf_progress.open: _open(disable=True)
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -209,18 +185,15 @@ class Distributed:
             plan = self.assign(todo)
             self._migrate(todo, plan)
             mine = [run for run in todo if plan[run.name] == self.rank]
-            ledger = trainer._rf_ledger
             with local_view():
-                if isinstance(ledger, BufferLedger):
-                    ledger.recording = True
+                trainer._rf_records.recording(True)
                 try:
                     for run in mine:
                         trainer._train_slice(run, trial, ignore_keys)
                     if trainer._rf_active is not None:
                         trainer._park(trainer._rf_active)
                 finally:
-                    if isinstance(ledger, BufferLedger):
-                        ledger.recording = False
+                    trainer._rf_records.recording(False)
             self.trained = [run.name for run in mine]
             for run in mine:
                 self.owner[run.name] = self.rank
@@ -263,15 +236,12 @@ class Distributed:
     def _sync(self) -> None:
         """End of a round: merge what every rank did, replay other ranks' records on rank 0, apply policies and ops."""
         trainer = self.trainer
-        ledger = trainer._rf_ledger
         local = {
             "runs": [self._record(trainer.coordinator[name]) for name in self.trained],
-            "ledger": ledger.records if isinstance(ledger, BufferLedger) else [],
+            "ledger": trainer._rf_records.take_buffered(),
             "boundaries": self.boundaries,
             "boundaries_done": trainer._rf_boundaries - self.boundaries_seen,
         }
-        if isinstance(ledger, BufferLedger):
-            ledger.records = []
         self.trained, self.boundaries = [], []
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, local, group=self.group)
@@ -287,7 +257,7 @@ class Distributed:
         if self.main:
             for rank, payload in enumerate(gathered):
                 if rank != 0:
-                    self._replay(rank, payload["ledger"])
+                    trainer._rf_records.replay(rank, payload["ledger"], trainer.coordinator.runs)
         order = {name: i for i, name in enumerate(trainer.coordinator.runs)}
         reached = sorted({name for payload in gathered for name in payload["boundaries"]}, key=order.__getitem__)
         self._boundary_policies(reached)
@@ -359,26 +329,6 @@ class Distributed:
         state = run.attributes.get("state")
         run.attributes = {"state": state} if state is not None else {}
         run.trainable, run.trainable_names, run.pinned, run.rng, run.offloaded = [], [], {}, None, False
-
-    def _replay(self, rank: int, records: list[tuple]) -> None:
-        """Rank 0 writes another rank's ledger records, and sends its logs and status changes to the reporters."""
-        trainer = self.trainer
-        for name, step, chunk, event, values in records:
-            trainer._rf_ledger.write(name, step, chunk, event, rank=rank, **values)
-            run = trainer.coordinator.runs.get(name)
-            if run is None:
-                continue
-            if event == "log":
-                logs = {k: v for k, v in values.items() if k != "epoch_index"}
-                for reporter in trainer._rf_reporters:
-                    reporter.log(run, step, chunk, logs)
-            elif event == "status":
-                for reporter in trainer._rf_reporters:
-                    if values.get("status") == "running":
-                        reporter.start(run)
-                    elif values.get("status") in ("completed", "failed", "stopped", "deleted"):
-                        reporter.finish(run)
-                write_run_json(run, run.args.output_dir)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, final: bool = False) -> None:

@@ -32,12 +32,11 @@ from .interactive import InteractiveMixin
 from .loop import RotationLoop
 from .parking import offload_optimizer, optimizer_bytes, reload_optimizer, seeded_rng, should_offload
 from .progress import RunsProgressCallback
-from .reporters import Reporter
-from .reporting import Ledger, LogEventsCallback
+from .records import Records, RecordsMixin
+from .reporting import LogEventsCallback
 from .rf_args import RFArgs
 from .run import TRAINER_SCALARS, Run
 from .streams import is_stream
-from .tracking import TrackingMixin
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ RUN_ATTRIBUTES = (
 )
 
 
-class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, InteractiveMixin, TrackingMixin, FusedMixin):
+class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, InteractiveMixin, RecordsMixin, FusedMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
     Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
@@ -122,11 +121,15 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         self.callback_handler.remove_callback(ProgressCallback)
         self._rf_progress = RunsProgressCallback(self.coordinator, lambda: self._rf_active)
         self.add_callback(self._rf_progress)
-        self._rf_ledger: Ledger | None = None
-        self._rf_started = False
-        self._rf_reporters: list[Reporter] = []
         self.add_callback(LogEventsCallback(self._on_log))
-        self._rf_report_to = self._claim_reporting(len(runs))
+        self._rf_records = Records(
+            self._rf_output_dir,
+            self._claim_reporting(len(runs)),
+            self._rf_shared_args.run_name,
+            deferred=self._rf_checkpoint_every is not None,  # trackers show what a resume keeps
+            is_main=self._rf_dist is None or self._rf_dist.main,  # several processes: rank 0 writes
+            info=self._experiment_info,
+        )
         self._init_control()
         if self._rf_dist is not None:
             self._rf_dist.check()
@@ -150,14 +153,28 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
                     "a streamed train_dataset (an IterableDataset) is not supported with several processes yet; "
                     "use a datasets.Dataset, or one process"
                 )
-        return DataPlan.build(
+        return self._plan(
+            args,
             num_rows=None if stream else len(self._rf_datasets[key][0]),
             batch_size=args.per_device_train_batch_size * max(1, args.n_gpu) * self._rf_shards(),
+            drop_last=args.dataloader_drop_last,
+            start_slice=start_slice,
+            stream=stream,
+        )
+
+    def _plan(
+        self, args, num_rows: int | None, batch_size: int, drop_last: bool, start_slice: int, stream: bool = False
+    ) -> DataPlan:
+        """A run's plan from its arguments' budget and the trainer's chunk count; the trainer says how many rows an
+        epoch has and how they are batched."""
+        return DataPlan.build(
+            num_rows=num_rows,
+            batch_size=batch_size,
             grad_accum=args.gradient_accumulation_steps,
             num_chunks=self._rf_num_chunks,
             max_steps=args.max_steps,
             num_train_epochs=args.num_train_epochs,
-            drop_last=args.dataloader_drop_last,
+            drop_last=drop_last,
             start_slice=start_slice,
             stream=stream,
         )
@@ -286,14 +303,14 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         """
         if resume_from_checkpoint is None and os.environ.get(RESUME_ENV):
             wanted = Path(os.environ[RESUME_ENV]).resolve()
-            if wanted == self._rf_output_dir.resolve() and not self._rf_started:
+            if wanted == self._rf_output_dir.resolve() and not self._rf_records.started:
                 resume_from_checkpoint = True
         if resume_from_checkpoint not in (None, False):
-            if self._rf_started:
+            if self._rf_records.started:
                 raise ValueError("resume_from_checkpoint needs a freshly built trainer (this one has trained already)")
             self._rf_resume = self._resolve_checkpoint(resume_from_checkpoint)
         idle = not self._rf_pending and all(run.status not in ("pending", "running") for run in self.coordinator)
-        if self._rf_started and self._rf_resume is None and idle:
+        if self._rf_records.started and self._rf_resume is None and idle:
             logger.warning(
                 "train(): every run has ended (completed, stopped, failed or deleted), so there is nothing to train; "
                 "resume or clone a run first. Unlike SFTTrainer, a second train() does not start over."

@@ -276,12 +276,7 @@ class Experiment:
     @staticmethod
     def _close_trainer(trainer) -> None:
         """Close the trainer's ledger and reporters (files, tracking runs)."""
-        if callable(getattr(trainer, "close", None)):
-            return trainer.close()
-        for sink in [getattr(trainer, "_rf_ledger", None), *(getattr(trainer, "_rf_reporters", None) or [])]:
-            if sink is not None:
-                sink.close()
-        return None
+        trainer.close()
 
     @staticmethod
     def _free() -> None:

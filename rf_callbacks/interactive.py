@@ -89,14 +89,14 @@ class InteractiveMixin:
             try:
                 self._validate_op(op)
             except OpError as error:
-                self._ledger().write(op.run, None, None, "op", **op.describe(), accepted=False, error=str(error))
+                self._rf_records.write(op.run, None, None, "op", **op.describe(), accepted=False, error=str(error))
                 raise
-            self._ledger().write(op.run, None, None, "op", **op.describe(), accepted=True)
+            self._rf_records.write(op.run, None, None, "op", **op.describe(), accepted=True)
             if self._rf_training:
                 self._rf_pending.append(op)
                 active = self._rf_active
                 # (with several processes ops wait for the end of the round: see distributed.py)
-                interrupts = op.kind in ("stop", "delete", "fail") and getattr(self, "_rf_dist", None) is None
+                interrupts = op.kind in ("stop", "delete", "fail") and self._rf_dist is None
                 if interrupts and active is not None and active.name == op.run:
                     self._rf_interrupt = True
             else:
@@ -278,7 +278,7 @@ class InteractiveMixin:
 
     def _run_policies(self, run: Run) -> None:
         """Ask each policy what to do now that `run` reached a boundary; apply its ops before the next slice."""
-        if getattr(self, "_rf_dist", None) is not None:  # several processes: rank 0 asks them at the round's end
+        if self._rf_dist is not None:  # several processes: rank 0 asks them at the round's end
             self._rf_dist.boundaries.append(run.name)
             return
         self._ask_policies(run)
@@ -295,7 +295,7 @@ class InteractiveMixin:
             except Exception as error:  # a broken policy must not end the experiment
                 logger.exception("policy %s failed and is disabled", name)
                 self._rf_policies.remove(policy)
-                self._ledger().write(run.name, run.global_step, run.current_chunk, "policy_error", policy=name,
+                self._rf_records.write(run.name, run.global_step, run.current_chunk, "policy_error", policy=name,
                                      error=f"{type(error).__name__}: {error}")  # fmt: skip
                 continue
             for op in ops or ():
@@ -314,10 +314,10 @@ class InteractiveMixin:
     def _apply_op(self, op: Op) -> None:
         run = self.coordinator[op.run]
         if run.status not in VALID_FROM[op.kind]:  # its status changed since the op was accepted (e.g. completed)
-            self._ledger().write(op.run, run.global_step, run.current_chunk, "op_skipped", **op.describe(),
+            self._rf_records.write(op.run, run.global_step, run.current_chunk, "op_skipped", **op.describe(),
                                  reason=f"run is {run.status}")  # fmt: skip
             return
-        self._ledger().write(op.run, run.global_step, run.current_chunk, "op_applied", **op.describe())
+        self._rf_records.write(op.run, run.global_step, run.current_chunk, "op_applied", **op.describe())
         if op.kind == "clone":
             self._add_clone(op, run)
             return
@@ -333,7 +333,7 @@ class InteractiveMixin:
             run.status, run.dirty = "deleted", True
         run.reason = op.reason if op.kind != "resume" else None
         extra = {"reason": op.reason} if op.reason else {}
-        self._status_event(run, by=op.source, **extra)
+        self._rf_records.status(run, by=op.source, **extra)
 
     def _free_run(self, run: Run) -> None:
         if self._rf_active is run:
@@ -383,7 +383,7 @@ class InteractiveMixin:
         if child.error is not None:
             child.status = "failed"
             self.coordinator.runs[child.name] = child
-            self._status_event(child, parent=parent.name, error=child.error, by=op.source)
+            self._rf_records.status(child, parent=parent.name, error=child.error, by=op.source)
             return
         if restoring:
             self.coordinator.runs[child.name] = child
@@ -398,7 +398,7 @@ class InteractiveMixin:
         self.coordinator.runs[child.name] = child
         child.reason = op.reason
         extra = {"reason": op.reason} if op.reason else {}
-        self._status_event(child, parent=parent.name, warm_start=op.warm_start, by=op.source, **extra)
+        self._rf_records.status(child, parent=parent.name, warm_start=op.warm_start, by=op.source, **extra)
 
     def _warm_start(self, parent: Run, spec: RunSpec) -> None:
         """Copy the parent's adapter as of its last boundary into the child's freshly added adapter."""

@@ -30,7 +30,6 @@ from .adapters import save_adapter
 from .chunks import epoch_order
 from .control.server import ControlServer
 from .parking import capture_rng, restore_rng
-from .reporting import write_json_atomic
 from .run import Run
 from .streams import RunStream
 
@@ -47,7 +46,7 @@ class RotationLoop:
             path, self._rf_resume = self._rf_resume, None
             self._resume(path)
         else:
-            self._open_experiment()
+            self._rf_records.open()
         if self.model_wrapped is self.model and self._rf_dist is None:  # several processes: no DDP, see distributed.py
             model = self._wrap_model(self.model_wrapped)
             if model is self.model:
@@ -55,7 +54,7 @@ class RotationLoop:
             self.model_wrapped = model
         self._rf_progress.open(disable=self._rf_shared_args.disable_tqdm)
         self._memoize_mode_switch()
-        self._hold_reports(True)
+        self._rf_records.hold(True)
         server = dashboard = None
         if self._rf_control_socket and self.args.should_save:
             server = ControlServer(self._rf_output_dir / "control.sock", self.handle_request)
@@ -83,7 +82,7 @@ class RotationLoop:
                     self._train_slice(run, trial, ignore_keys_for_eval)
             with self._rf_ops_lock:
                 self._maybe_checkpoint(final=True)
-            self._hold_reports(False)
+            self._rf_records.hold(False)
         except BaseException as error:  # with one run errors propagate as in TRL; the run still ends `failed`
             run = self._rf_active
             if self._rf_dist is None and run is not None and run.status == "running":
@@ -98,9 +97,8 @@ class RotationLoop:
                 self._rf_training = False
                 self._apply_pending()
             self._rf_progress.close()
-            self._rf_ledger.sync()
-            if self._rf_shared_args.should_save:  # the runs' final statuses
-                write_json_atomic(self._rf_output_dir / "experiment.json", self._experiment_info())
+            self._rf_records.sync()
+            self._rf_records.write_info()  # the runs' final statuses
             self.model.__dict__.pop("train", None)
         return self._train_output()
 
@@ -151,7 +149,7 @@ class RotationLoop:
         run.dirty = True
         if run.status == "pending":
             run.status = "running"
-            self._status_event(run)
+            self._rf_records.status(run)
             self.model_wrapped.zero_grad()
             self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
         restore_rng(run.rng)
@@ -183,7 +181,7 @@ class RotationLoop:
         if finished:
             self._finish(run, time.time() - run.wall_time)
         elif boundary:
-            self._rf_ledger.write(run.name, self.state.global_step, run.current_chunk, "boundary")
+            self._rf_records.write(run.name, self.state.global_step, run.current_chunk, "boundary")
         if finished or boundary:
             self._rf_boundaries += 1
             self._rf_since_checkpoint += 1
@@ -357,7 +355,7 @@ class RotationLoop:
                 save_adapter(self.model, run.spec.adapter_name, run_dir)
         else:
             self.save_model(str(run_dir))
-        self._status_event(run)
+        self._rf_records.status(run)
 
     def _fail(self, run: Run, reason: str, **extra: Any) -> None:
         if self._rf_active is run:
@@ -365,7 +363,7 @@ class RotationLoop:
                 param.grad = None
             run.rng = capture_rng()
         run.status, run.error, run.reason = "failed", reason, reason
-        self._status_event(run, error=reason, **extra)
+        self._rf_records.status(run, error=reason, **extra)
 
     def _train_output(self) -> TrainOutput:
         runs = list(self.coordinator)

@@ -194,7 +194,7 @@ def retry_after_oom(trainer, run: Run, error: Exception) -> bool:
         args.per_device_train_batch_size,
         args.gradient_accumulation_steps,
     )
-    trainer._rf_ledger.write(
+    trainer._rf_records.write(
         run.name, run.global_step, run.current_chunk, "oom_retry", reason=run.oom_retry["error"],
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,

@@ -57,9 +57,11 @@ GRPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
     "num_completions_to_print",
 }
 
-# `GRPOTrainer.__init__` copies these from `args` into attributes its generation and loss read; each run has its own,
-# as it has its own generation buffer (`_buffered_inputs`, reused for `steps_per_generation` x `num_iterations`
-# micro-steps), its micro-step counter `_step` (which decides when to generate again), and its metric buffers.
+# `GRPOTrainer.__init__` copies most per-run fields from `args` into attributes of the same name its generation and
+# loss read (`epsilon` becomes `epsilon_low`; `steps_per_generation` and `delta` stay read from `args`). Each run has
+# its own, as it has its own generation buffer (`_buffered_inputs`, reused for `steps_per_generation` x
+# `num_iterations` micro-steps), its micro-step counter `_step` (which decides when to generate again), and its
+# metric buffers.
 _GRPO_RUN_ATTRIBUTES = (
     "_metrics",
     "_total_train_tokens",
@@ -67,32 +69,12 @@ _GRPO_RUN_ATTRIBUTES = (
     "_step",
     "_buffered_inputs",
     "_logs",
-    "num_generations",
-    "num_generations_eval",
-    "max_completion_length",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
     "generation_config",
-    "generation_kwargs",
-    "beta",
-    "num_iterations",
     "epsilon_low",
-    "epsilon_high",
-    "importance_sampling_level",
-    "reward_weights",
-    "scale_rewards",
-    "loss_type",
-    "mask_truncated_completions",
-    "top_entropy_quantile",
-    "entropy_coef",
     "_entropy_bonus_enabled",
     "_last_world_entropy",
     "_entropy_window_stats",
-    "log_completions",
-    "num_completions_to_print",
+    *sorted(GRPO_PER_RUN_FIELDS - TRAINING_PER_RUN_FIELDS - {"steps_per_generation", "delta", "epsilon"}),
 )
 
 
@@ -389,8 +371,6 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
     # steps_per_generation` rows, each prompt repeated `num_generations` times, each group of prompts repeated
     # `steps_per_generation x num_iterations` times (the buffered generation is reused for those micro-steps).
     def _data_plan(self, spec: RunSpec, key: tuple, start_slice: int = 0):
-        from ..chunks import DataPlan
-
         args = spec.args
         if is_stream(self._rf_datasets[key][0]):
             raise ValueError(
@@ -407,16 +387,8 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
                 f"{num_prompts}"
             )
         num_rows = (num_prompts // prompts_per_batch) * args.generation_batch_size * repeats
-        return DataPlan.build(
-            num_rows=num_rows,
-            batch_size=args.per_device_train_batch_size * args.steps_per_generation,
-            grad_accum=args.gradient_accumulation_steps,
-            num_chunks=self._rf_num_chunks,
-            max_steps=args.max_steps,
-            num_train_epochs=args.num_train_epochs,
-            drop_last=True,
-            start_slice=start_slice,
-        )
+        batch_size = args.per_device_train_batch_size * args.steps_per_generation
+        return self._plan(args, num_rows, batch_size, drop_last=True, start_slice=start_slice)
 
     def _epoch_order(self, run, epoch: int) -> tuple[int, ...]:
         args = run.args
