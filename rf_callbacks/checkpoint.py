@@ -131,8 +131,8 @@ class CheckpointMixin:
             self._checkpoint()
 
     def _checkpoint(self) -> Path:
-        if self._rf_active is not None:  # its state lives in the trainer's attributes; it stays active
-            self._sync_attributes(self._rf_active)
+        if self.active_run is not None:  # its state lives in the trainer's attributes; it stays active
+            self._sync_attributes(self.active_run)
         root = checkpoints_dir(self._rf_output_dir)
         final = root / f"checkpoint-{self._rf_boundaries}"
         temp = root / f".tmp-checkpoint-{self._rf_boundaries}"
@@ -388,10 +388,10 @@ class CheckpointMixin:
             loaded = TrainerState.load_from_json(str(folder / "trainer_state.json"))
             if run.state is not None:
                 loaded.stateful_callbacks = run.state.stateful_callbacks
-            if self._rf_active is run:
+            if self.active_run is run:
                 self.state = loaded
             run.attributes["state"] = loaded
-        if self._rf_active is run:
+        if self.active_run is run:
             self._park(run)
         run.status, run.next_slice, run.slices_done = record["status"], record["next_slice"], record["slices_done"]
         run.wall_time, run.error, run.reason = record["wall_time"], record["error"], record["reason"]

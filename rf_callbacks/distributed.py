@@ -112,8 +112,8 @@ class DistributedMixin:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             loss = torch.full_like(loss, float("nan"))
-        if self.accelerator.sync_gradients and self._rf_active is not None:
-            coordination.reduce_gradients(self._rf_active.trainable)
+        if self.accelerator.sync_gradients and self.active_run is not None:
+            coordination.reduce_gradients(self.active_run.trainable)
         return loss
 
     def _write_run(self, run, folder: Path) -> None:
@@ -190,8 +190,8 @@ class Distributed:
                 try:
                     for run in mine:
                         trainer._train_slice(run, trial, ignore_keys)
-                    if trainer._rf_active is not None:
-                        trainer._park(trainer._rf_active)
+                    if trainer.active_run is not None:
+                        trainer._park(trainer.active_run)
                 finally:
                     trainer._rf_records.recording(False)
             self.trained = [run.name for run in mine]
@@ -321,7 +321,7 @@ class Distributed:
     def _drop_local(self, run: Run) -> None:
         """Forget this rank's (stale) copy of a run's trainer state; its `TrainerState` stays for `results()`."""
         trainer = self.trainer
-        if trainer._rf_active is run:
+        if trainer.active_run is run:
             trainer._park(run)
         optimizer = run.attributes.get("optimizer")
         if optimizer is not None and optimizer in trainer.accelerator._optimizers:

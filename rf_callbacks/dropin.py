@@ -75,7 +75,9 @@ def drop_in(cls: type) -> type:
         setattr(cls, name, _parent_unless_engine(getattr(cls, name), getattr(parent, name)))
     for name in ENGINE_METHODS:
         setattr(cls, name, _engine_only(getattr(cls, name), cls.__name__, parent.__name__))
-    cls.runs = property(_engine_only(cls.runs.fget, cls.__name__, parent.__name__), doc=cls.runs.__doc__)
+    for name in ("runs", "active_run"):
+        prop = getattr(cls, name)
+        setattr(cls, name, property(_engine_only(prop.fget, cls.__name__, parent.__name__), doc=prop.__doc__))
     close = cls.close
     cls.close = functools.wraps(close)(lambda self: close(self) if self._rf_engine else None)
     return cls

@@ -30,6 +30,7 @@ from .distributed import Distributed, DistributedMixin, resolve_parallel
 from .fused import FusedMixin
 from .interactive import InteractiveMixin
 from .loop import RotationLoop
+from .oom import init_oom_retry
 from .parking import offload_optimizer, optimizer_bytes, reload_optimizer, seeded_rng, should_offload
 from .progress import RunsProgressCallback
 from .records import Records, RecordsMixin
@@ -82,7 +83,15 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
 
     # ----------------------------------------------------------------------------------------------- building
     def _build_runs(self, specs: list[RunSpec], rf: RFArgs) -> None:
-        """Create the runs, their data plans and the coordinator, once the trainer exists."""
+        """Create the runs, their data plans and the coordinator, once the trainer exists.
+
+        The one setup sequence of every RF trainer, in this order: (1) fused mode's checks on the built trainer;
+        (2) the processes, policies and the options the loop reads; (3) each run's prepared data and data plan, then
+        `num_chunks="auto"`; (4) the runs and the coordinator; (5) the parts that need the runs: checkpoints, fused
+        groups, the progress bar, the records, the control queue; (6) several processes' own checks; (7) the
+        out-of-memory retry, which needs the data plans."""
+        if rf.fused:
+            self._check_fused(rf.max_fused)
         mode = resolve_parallel(rf.parallel, self.args.world_size, len(specs))  # several processes: see distributed.py
         self._rf_dist = Distributed(self, mode) if mode is not None else None
         self._rf_policies = self._check_policies(rf.policies)
@@ -133,6 +142,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         self._init_control()
         if self._rf_dist is not None:
             self._rf_dist.check()
+        init_oom_retry(self, rf.oom_retry)
 
     def _train_columns(self, key: tuple) -> Any:
         """The train set as the dataloader sees it (unused columns gone); `None` for a stream, which each run reads
@@ -198,6 +208,11 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
     def runs(self) -> Coordinator:
         """The runs by name (`trainer.runs["a"].state.log_history`)."""
         return self.coordinator
+
+    @property
+    def active_run(self) -> Run | None:
+        """The run whose adapter, arguments, optimizer and state the trainer holds now (`None` between runs)."""
+        return self._rf_active
 
     def results(self) -> list[dict[str, Any]]:
         """One dict per run: name, status, global_step, train_loss (last logged), eval_loss (last or `None`),

@@ -189,8 +189,8 @@ class FusedMixin:
                 run.offloaded = False
             for param in run.trainable:
                 param.requires_grad_(True)
-        self._sync_attributes(self._rf_active)
-        self._rf_active.rng = capture_rng()
+        self._sync_attributes(self.active_run)
+        self.active_run.rng = capture_rng()
         self._rf_group = group
         began = time.time()
         requests: dict[str, Request] = {}
@@ -328,7 +328,7 @@ class FusedMixin:
         """`Trainer.evaluate` with the current run's adapter alone, also when called mid-group (`eval_steps`)."""
         if not self._rf_group:
             return super().evaluate(*args, **kwargs)
-        self.model.set_adapter(self._rf_active.spec.adapter_name)
+        self.model.set_adapter(self.active_run.spec.adapter_name)
         try:
             return super().evaluate(*args, **kwargs)
         finally:

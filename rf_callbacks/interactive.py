@@ -94,7 +94,7 @@ class InteractiveMixin:
             self._rf_records.write(op.run, None, None, "op", **op.describe(), accepted=True)
             if self._rf_training:
                 self._rf_pending.append(op)
-                active = self._rf_active
+                active = self.active_run
                 # (with several processes ops wait for the end of the round: see distributed.py)
                 interrupts = op.kind in ("stop", "delete", "fail") and self._rf_dist is None
                 if interrupts and active is not None and active.name == op.run:
@@ -113,7 +113,7 @@ class InteractiveMixin:
             if kind == "ls":
                 return {"ok": True, "runs": self.results()}
             if kind == "status":
-                active = self._rf_active
+                active = self.active_run
                 return {
                     "ok": True,
                     "training": self._rf_training,
@@ -336,7 +336,7 @@ class InteractiveMixin:
         self._rf_records.status(run, by=op.source, **extra)
 
     def _free_run(self, run: Run) -> None:
-        if self._rf_active is run:
+        if self.active_run is run:
             self._park(run)
         optimizer = run.attributes.get("optimizer")
         if optimizer is not None and optimizer in self.accelerator._optimizers:
@@ -392,7 +392,7 @@ class InteractiveMixin:
             self._warm_start(parent, spec)
         if op.copy_optimizer:
             optimizer = parent.attributes.get("optimizer")
-            if optimizer is None and self._rf_active is parent:
+            if optimizer is None and self.active_run is parent:
                 optimizer = self.optimizer
             child.optimizer_init = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
         self.coordinator.runs[child.name] = child

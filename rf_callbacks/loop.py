@@ -29,6 +29,7 @@ from transformers.trainer_utils import TrainOutput, speed_metrics
 from .adapters import save_adapter
 from .chunks import epoch_order
 from .control.server import ControlServer
+from .oom import retry_after_oom
 from .parking import capture_rng, restore_rng
 from .run import Run
 from .streams import RunStream
@@ -84,7 +85,7 @@ class RotationLoop:
                 self._maybe_checkpoint(final=True)
             self._rf_records.hold(False)
         except BaseException as error:  # with one run errors propagate as in TRL; the run still ends `failed`
-            run = self._rf_active
+            run = self.active_run
             if self._rf_dist is None and run is not None and run.status == "running":
                 self._fail(run, f"{type(error).__name__}: {error}".rstrip(": "))
             raise
@@ -132,8 +133,6 @@ class RotationLoop:
         except StopIteration as stop:
             finished, boundary = stop.value
         except Exception as error:
-            from .oom import retry_after_oom
-
             if retry_after_oom(self, run, error):  # oom_retry=True: it goes on from that step, half the micro-batch
                 return
             if len(self.coordinator) == 1:
@@ -358,7 +357,7 @@ class RotationLoop:
         self._rf_records.status(run)
 
     def _fail(self, run: Run, reason: str, **extra: Any) -> None:
-        if self._rf_active is run:
+        if self.active_run is run:
             for param in run.trainable:  # only its own: in fused mode other runs may hold accumulated gradients
                 param.grad = None
             run.rng = capture_rng()

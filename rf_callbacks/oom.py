@@ -74,13 +74,13 @@ class StepWatch(TrainerCallback):
         self._epoch: tuple[str, int, dict[str, Any]] | None = None  # generators before an epoch's first draw
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        run = self.trainer._rf_active
+        run = self.trainer.active_run
         if run is not None:
             self._epoch = (run.name, state.global_step, capture_rng())
         self.phase = None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        trainer, run = self.trainer, self.trainer._rf_active
+        trainer, run = self.trainer, self.trainer.active_run
         if run is None:
             return
         epoch, self._epoch = self._epoch, None
@@ -110,7 +110,7 @@ class StepWatch(TrainerCallback):
 
 
 def init_oom_retry(trainer, enabled: bool) -> None:
-    """Turn the retry on for `trainer` (called by the trainers' `__init__`, after `_build_runs`)."""
+    """Turn the retry on for `trainer` (the last step of `MultiConfigMixin._build_runs`)."""
     trainer._rf_oom_watch = None
     if enabled and any(run.plan.stream for run in trainer.coordinator):
         raise ValueError(
@@ -139,7 +139,7 @@ def retry_after_oom(trainer, run: Run, error: Exception) -> bool:
     half the micro-batch (the caller then just returns; the coordinator picks the same run again, which resumes at
     its global step). `False` otherwise (the caller fails the run, or raises with one run); an out-of-memory error
     that is not retried then says why in its message."""
-    watch = getattr(trainer, "_rf_oom_watch", None)
+    watch = trainer._rf_oom_watch
     if watch is None or not isinstance(error, torch.OutOfMemoryError):
         return False
     # Free what the failed step held: its gradients, and the activations the exception's frames still reference.

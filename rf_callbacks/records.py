@@ -272,7 +272,7 @@ class RecordsMixin:
         }
 
     def _on_log(self, logs: dict[str, Any]) -> None:
-        run = self._rf_active
+        run = self.active_run
         if run is None:
             return
         step = self.state.global_step

@@ -57,7 +57,7 @@ class _OpMidChunk:
 
             def on_step_end(self, args, state, control, **kwargs):
                 trainer = self.trainer
-                active = trainer._rf_active
+                active = trainer.active_run
                 main = trainer._rf_dist is None or trainer._rf_dist.main
                 if main and not self.done and active is not None and active.name == "a" and state.global_step == 2:
                     self.done = True
@@ -76,7 +76,7 @@ class _PoisonOnRank1:
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                active = trainer._rf_active
+                active = trainer.active_run
                 if trainer._rf_dist.rank == 1 and active.name == "b" and state.global_step == 2:
                     with torch.no_grad():
                         for param in active.trainable:
@@ -93,7 +93,7 @@ class _Kill:
 
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                active = trainer._rf_active
+                active = trainer.active_run
                 if active is not None and active.name == "b" and state.global_step == 6:
                     os._exit(3)
 

@@ -237,10 +237,10 @@ def test_outside_ops_after_the_last_checkpoint_are_replayed(tokenizer, chat_data
             self.trainer = trainer
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.trainer._rf_active.name == "a" and state.global_step == 7:  # after b's chunk-1 checkpoint
+            if self.trainer.active_run.name == "a" and state.global_step == 7:  # after b's chunk-1 checkpoint
                 self.trainer.submit_op(Op("stop", "b", source="cli"))
                 self.trainer.submit_op(Op("clone", "a", {"learning_rate": 1e-4}, name="a2", source="dashboard"))
-            if self.trainer._rf_active.name == "a" and state.global_step == 8:
+            if self.trainer.active_run.name == "a" and state.global_step == 8:
                 raise KeyboardInterrupt  # the process dies before the next checkpoint
 
     crashed = make_trainer(tokenizer, chat_data, sft_args, tmp_path)

@@ -31,7 +31,7 @@ class FirstWeights(TrainerCallback):
         self.trainer, self.weights = trainer, {}
 
     def on_train_begin(self, args, state, control, **kwargs):
-        run = self.trainer._rf_active
+        run = self.trainer.active_run
         self.weights[run.name] = {n: p.detach().clone() for n, p in zip(run.trainable_names, run.trainable)}
 
 

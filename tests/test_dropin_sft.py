@@ -259,3 +259,19 @@ def test_signatures_extend_the_parents():
         mine = [(p.name, p.default, p.kind) for p in inspect.signature(ours.__init__).parameters.values()]
         assert mine[: len(theirs)] == theirs, parent.__name__
         assert all(kind is inspect.Parameter.KEYWORD_ONLY for _, _, kind in mine[len(theirs) :]), parent.__name__
+
+
+def test_engine_api_of_a_drop_in_trainer_says_how_to_turn_the_engine_on(script, tmp_path):
+    trainer = RFSFTTrainer(**script(peft_config=LORA)(tmp_path))
+    for name in ("results", "select_run", "stop"):
+        with pytest.raises(RuntimeError, match=r"built without configs.*configs=\[\{\}\]"):
+            getattr(trainer, name)("run-1") if name != "results" else trainer.results()
+    for name in ("runs", "active_run"):
+        with pytest.raises(RuntimeError, match=rf"{name}\(\) is part of the rf-callbacks engine"):
+            getattr(trainer, name)
+    trainer.close()  # nothing to close: a plain SFTTrainer
+    engine = RFSFTTrainer(**script(peft_config=LORA)(tmp_path / "engine"), configs=[{}])
+    assert engine.active_run is None
+    engine.train()
+    assert engine.active_run is engine.runs["run-1"]
+    engine.close()

@@ -137,7 +137,7 @@ def test_negative_controls_make_rotation_test_fail(
         breaker = _break_optimizer if broken == "optimizer" else _break_scheduler
 
         def activate_and_forget(self, run):
-            resumed = bool(run.attributes) and self._rf_active is not run
+            resumed = bool(run.attributes) and self.active_run is not run
             original(self, run)
             if resumed:
                 breaker(self, run)
@@ -158,14 +158,14 @@ class SnapshotCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         model = self.trainer.model
         trainable = {name for name, param in model.named_parameters() if param.requires_grad}
-        active = self.trainer._rf_active.name
+        active = self.trainer.active_run.name
         expected = {name for name, _ in model.named_parameters() if f".{active}." in name}
         assert trainable == expected, f"{active}: trainable parameters are not exactly its adapter's"
 
     def on_step_end(self, args, state, control, **kwargs):
         model = self.trainer.model
         weights = {name: adapter_weights(model, name) for name in self.trainer.runs.runs}
-        self.snapshots.append((self.trainer._rf_active.name, weights))
+        self.snapshots.append((self.trainer.active_run.name, weights))
 
 
 def test_only_the_active_adapter_changes(make_model, tokenizer, chat_data, sft_args):

@@ -204,7 +204,7 @@ class OpsAt(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer._rf_active.name != "a":
+        if self.trainer.active_run.name != "a":
             return
         if state.global_step == 2:
             self.trainer.stop("b")

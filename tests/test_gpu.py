@@ -34,7 +34,7 @@ def test_offloaded_optimizer_state_is_pinned_and_exact(tokenizer, chat_data, sft
             offload_optimizer=offload,
         )
         trainer.train()
-        parked = trainer.runs["a"] if trainer._rf_active.name == "b" else trainer.runs["b"]
+        parked = trainer.runs["a"] if trainer.active_run.name == "b" else trainer.runs["b"]
         if offload:
             states = [v for s in parked.attributes["optimizer"].state.values() for v in s.values() if v.dim() > 0]
             assert states and all(v.is_pinned() for v in states)

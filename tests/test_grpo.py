@@ -273,7 +273,7 @@ def test_interrupted_grpo_experiment_resumes_bit_for_bit(make_model, tokenizer, 
 
     class CtrlC(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if trainer._rf_active.name == "c" and state.global_step == 2:
+            if trainer.active_run.name == "c" and state.global_step == 2:
                 raise KeyboardInterrupt
 
     trainer.add_callback(CtrlC())

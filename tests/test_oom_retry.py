@@ -53,7 +53,7 @@ def inject_oom(trainer, run: str, at_steps: tuple[int, ...]) -> dict[str, list]:
     def training_step(*args, **kwargs):
         step = trainer.state.global_step
         lengths = {key: len(values) for key, values in trainer._metrics["train"].items()}
-        if trainer._rf_active.name == run and step in at_steps:
+        if trainer.active_run.name == run and step in at_steps:
             calls[step] = calls.get(step, 0) + 1
             if calls[step] == 2:
                 done.add(step)
@@ -141,7 +141,7 @@ def test_a_retried_run_resumes_from_a_checkpoint_with_its_halved_micro_batch(tok
 
     class CtrlC(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if trainer._rf_active.name == "b" and state.global_step == 10:
+            if trainer.active_run.name == "b" and state.global_step == 10:
                 raise KeyboardInterrupt
 
     trainer.add_callback(CtrlC())

@@ -60,7 +60,7 @@ class OpAt(TrainerCallback):
         self.trainer, self.name, self.step, self.action, self.done = trainer, name, step, action, False
 
     def on_step_end(self, args, state, control, **kwargs):
-        if not self.done and self.trainer._rf_active.name == self.name and state.global_step == self.step:
+        if not self.done and self.trainer.active_run.name == self.name and state.global_step == self.step:
             self.done = True
             self.action(self.trainer)
 

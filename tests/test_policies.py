@@ -304,9 +304,9 @@ class PoisonAt(TrainerCallback):
         self.trainer, self.name, self.step, self.value = trainer, name, step, value
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer._rf_active.name == self.name and state.global_step == self.step:
+        if self.trainer.active_run.name == self.name and state.global_step == self.step:
             with torch.no_grad():
-                for param in self.trainer._rf_active.trainable:
+                for param in self.trainer.active_run.trainable:
                     param.fill_(self.value)
 
 

@@ -212,7 +212,7 @@ def test_an_error_with_one_run_propagates_and_the_run_ends_failed(tokenizer, cha
 
 def test_an_evaluation_that_fails_at_a_boundary_fails_its_run_alone(tokenizer, chat_data, sft_args, tmp_path):
     def compute_metrics(prediction):
-        if trainer.runs["bad"] is trainer._rf_active:
+        if trainer.runs["bad"] is trainer.active_run:
             raise ValueError("metric broke")
         return {"rows": float(len(prediction.label_ids))}
 

@@ -248,7 +248,7 @@ def test_mlflow_shows_a_stop_and_a_clone(tokenizer, chat_data, sft_args, tmp_pat
 
     class Steer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if trainer._rf_active.name == "b" and state.global_step == 2:
+            if trainer.active_run.name == "b" and state.global_step == 2:
                 trainer.stop("b")
                 trainer.clone("a", {"learning_rate": 5e-4}, warm_start=True, name="a2")
 
@@ -301,7 +301,7 @@ def test_wandb_and_trackio_runs_continue_after_an_interrupted_experiment_resumes
 
     class CtrlC(TrainerCallback):  # b's second chunk, after checkpoints at three boundaries
         def on_step_end(self, args, state, control, **kwargs):
-            if trainer._rf_active.name == "b" and state.global_step == 5:
+            if trainer.active_run.name == "b" and state.global_step == 5:
                 raise KeyboardInterrupt
 
     trainer.add_callback(CtrlC())

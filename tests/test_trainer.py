@@ -183,7 +183,7 @@ class FailRun(TrainerCallback):
         self.trainer, self.name = trainer, name
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.trainer._rf_active.name == self.name and state.global_step == 5:
+        if self.trainer.active_run.name == self.name and state.global_step == 5:
             raise RuntimeError("injected fault")
 
 

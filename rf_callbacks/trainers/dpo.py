@@ -16,7 +16,6 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from ..dropin import drop_in
 from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
-from ..oom import init_oom_retry
 from ..preference import DPO_PROCESS_WIDE_REASONS, validate_dpo_specs
 from ..rf_args import RFArgs
 from .builder import (
@@ -181,10 +180,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                 callbacks=callbacks,
                 optimizers=optimizers,
             )
-        if rf.fused:
-            self._check_fused(rf.max_fused)
         self._build_runs(specs, rf)
-        init_oom_retry(self, rf.oom_retry)
 
     def _check_run_spec(self, spec: RunSpec) -> None:
 

@@ -15,7 +15,6 @@ from trl.data_utils import is_conversational
 from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
 from ..dropin import drop_in
 from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
-from ..oom import init_oom_retry
 from ..rf_args import RFArgs
 from .builder import (
     attach_run_adapters,
@@ -172,10 +171,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
             preprocess_logits_for_metrics=preprocess_logits_for_metrics,
             formatting_func=formatting_func,
         )
-        if rf.fused:
-            self._check_fused(rf.max_fused)
         self._build_runs(specs, rf)
-        init_oom_retry(self, rf.oom_retry)
 
     def _check_run_spec(self, spec: RunSpec) -> None:
         _validate_sft_specs([spec], self.compute_loss_func)
