@@ -157,7 +157,7 @@ class CheckpointMixin:
             "ledger_bytes": ledger_bytes,
             "num_chunks": self._rf_num_chunks,
             "runs": records,
-            "pending_ops": [self._op_record(op) for op in self._rf_pending],
+            "pending_ops": [self._op_record(op) for op in self._rf_ops.pending],
             "policies": [_policy_state(policy) for policy in self._rf_policies],
             "reporters": self._rf_records.state_dict(),
             "argv": [sys.executable, *sys.argv],
@@ -309,8 +309,8 @@ class CheckpointMixin:
             self._restore_run(self.coordinator[record["name"]], record, path / "runs" / record["name"])
         for policy, state in zip(self._rf_policies, manifest["policies"]):
             _load_policy_state(policy, state)
-        self._rf_pending = [Op(**op) for op in manifest["pending_ops"]] if main else []  # rank 0 sends them
-        for op in self._rf_pending:
+        self._rf_ops.pending = [Op(**op) for op in manifest["pending_ops"]] if main else []  # rank 0 sends them
+        for op in self._rf_ops.pending:
             if op.kind == "clone":
                 op.spec = self._clone_spec(op)
         self._rf_boundaries = manifest["boundary"]

@@ -206,7 +206,7 @@ class Distributed:
         while True:
             self.apply_ops()
             if self.main:  # every rank holds the same state: rank 0 writes it alone
-                with trainer._rf_ops_lock:
+                with trainer._rf_ops.lock:
                     trainer._maybe_checkpoint()
             run = trainer.coordinator.next_run()
             if run is None:
@@ -274,12 +274,11 @@ class Distributed:
     def apply_ops(self) -> None:
         """Rank 0's accepted ops, applied by every rank in the same order (a collective: every rank calls it)."""
         trainer = self.trainer
-        with trainer._rf_ops_lock:  # held across the broadcast: an op submitted meanwhile waits for the next call
+        with trainer._rf_ops.lock:  # held across the broadcast: an op submitted meanwhile waits for the next call
             pending: list[Op] = []
             payload: list[Any] = [None]
             if self.main:
-                pending, trainer._rf_pending = trainer._rf_pending, []
-                trainer._rf_interrupt = False
+                pending = trainer._rf_ops.take()
                 times = {run.name: run.wall_time for run in trainer.coordinator} if self.mode == "data" else {}
                 # The policies' memory (e.g. successive halving's rung), for `_wants_eval` on every rank
                 policies = [(self.policies.index(p), _policy_state(p)) for p in trainer._rf_policies]
@@ -358,7 +357,7 @@ class Distributed:
                 self.remote[name] = received[0]
         if self.main:
             try:
-                with trainer._rf_ops_lock:
+                with trainer._rf_ops.lock:
                     trainer._checkpoint()
             finally:
                 self.remote = {}

@@ -324,20 +324,20 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             if self._rf_records.started:
                 raise ValueError("resume_from_checkpoint needs a freshly built trainer (this one has trained already)")
             self._rf_resume = self._resolve_checkpoint(resume_from_checkpoint)
-        idle = not self._rf_pending and all(run.status not in ("pending", "running") for run in self.coordinator)
+        idle = not self._rf_ops.pending and all(run.status not in ("pending", "running") for run in self.coordinator)
         if self._rf_records.started and self._rf_resume is None and idle:
             logger.warning(
                 "train(): every run has ended (completed, stopped, failed or deleted), so there is nothing to train; "
                 "resume or clone a run first. Unlike SFTTrainer, a second train() does not start over."
             )
-        with self._rf_ops_lock:  # from here on ops wait for a safe point: `Trainer.train` moves the model around
-            self._rf_training = True
+        with self._rf_ops.lock:  # from here on ops wait for a safe point: `Trainer.train` moves the model around
+            self._rf_ops.training = True
         try:
             return super().train(None, trial, ignore_keys_for_eval, **kwargs)
         finally:
-            with self._rf_ops_lock:
-                if self._rf_training:  # the loop never started (an error before it): apply what waited
-                    self._rf_training = False
+            with self._rf_ops.lock:
+                if self._rf_ops.training:  # the loop never started (an error before it): apply what waited
+                    self._rf_ops.training = False
                     self._apply_pending()
 
     # Per-step helpers of `Trainer` that walk every parameter of the model; with one adapter per run that walk grows

@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import json
 import logging
-import threading
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import set_seed
 
 from .configs import RunSpec, parse_configs
-from .ops import VALID_FROM, Op, OpError, merge_peft_overrides, parse_request
+from .ops import VALID_FROM, Op, OpError, OpQueue, merge_peft_overrides, parse_request
 from .policies import BoundaryView, Policy, RunView
 from .run import Run
 
@@ -45,10 +44,7 @@ class InteractiveMixin:
     lets policies issue the same ops at boundaries."""
 
     def _init_control(self) -> None:
-        self._rf_ops_lock = threading.RLock()
-        self._rf_pending: list[Op] = []
-        self._rf_training = False
-        self._rf_interrupt = False
+        self._rf_ops = OpQueue()
 
     # ------------------------------------------------------------------------------------------------ public
     def stop(self, run: str, source: str = "python") -> str:
@@ -85,20 +81,20 @@ class InteractiveMixin:
         Raises:
             `OpError`: unknown run, op not valid in the run's status, bad overrides.
         """
-        with self._rf_ops_lock:
+        with self._rf_ops.lock:
             try:
                 self._validate_op(op)
             except OpError as error:
                 self._rf_records.write(op.run, None, None, "op", **op.describe(), accepted=False, error=str(error))
                 raise
             self._rf_records.write(op.run, None, None, "op", **op.describe(), accepted=True)
-            if self._rf_training:
-                self._rf_pending.append(op)
+            if self._rf_ops.training:
+                self._rf_ops.pending.append(op)
                 active = self.active_run
                 # (with several processes ops wait for the end of the round: see distributed.py)
                 interrupts = op.kind in ("stop", "delete", "fail") and self._rf_dist is None
                 if interrupts and active is not None and active.name == op.run:
-                    self._rf_interrupt = True
+                    self._rf_ops.interrupt = True
             else:
                 self._apply_op(op)
         return op.name if op.kind == "clone" else op.run
@@ -109,19 +105,19 @@ class InteractiveMixin:
         if isinstance(parsed, Op):
             return {"ok": True, "run": self.submit_op(parsed)}
         kind, arguments = parsed
-        with self._rf_ops_lock:
+        with self._rf_ops.lock:
             if kind == "ls":
                 return {"ok": True, "runs": self.results()}
             if kind == "status":
                 active = self.active_run
                 return {
                     "ok": True,
-                    "training": self._rf_training,
-                    "active": active.name if active is not None and self._rf_training else None,
+                    "training": self._rf_ops.training,
+                    "active": active.name if active is not None and self._rf_ops.training else None,
                     "chunk": active.current_chunk if active is not None else None,
                     "num_chunks": self._rf_num_chunks,
                     "runs": {run.name: run.status for run in self.coordinator},
-                    "pending_ops": [op.describe() for op in self._rf_pending],
+                    "pending_ops": [op.describe() for op in self._rf_ops.pending],
                 }
             names = [arguments["run"]] if arguments["run"] else list(self.coordinator.runs)
             if arguments["run"] and arguments["run"] not in self.coordinator.runs:
@@ -153,7 +149,7 @@ class InteractiveMixin:
     def _status_after_pending(self, name: str) -> str:
         """The run's status once the ops already accepted for it are applied."""
         status = self.coordinator[name].status
-        for pending in self._rf_pending:
+        for pending in self._rf_ops.pending:
             if pending.run == name and pending.kind in ("stop", "resume", "delete", "fail"):
                 status = {"stop": "stopped", "resume": "running", "delete": "deleted", "fail": "failed"}[pending.kind]
         return status
@@ -195,7 +191,7 @@ class InteractiveMixin:
             except (TypeError, ValueError) as error:
                 raise OpError(f"invalid peft_config override {peft_fields}: {error}") from error
             self._check_peft_override(peft_config, peft_fields)
-        taken = set(self.coordinator.runs) | {p.name for p in self._rf_pending if p.kind == "clone"}
+        taken = set(self.coordinator.runs) | {p.name for p in self._rf_ops.pending if p.kind == "clone"}
         name = op.name
         if name is None:
             index = 1
@@ -305,10 +301,8 @@ class InteractiveMixin:
 
     # ------------------------------------------------------------------------------------------- applying
     def _apply_pending(self) -> None:
-        with self._rf_ops_lock:
-            pending, self._rf_pending = self._rf_pending, []
-            self._rf_interrupt = False
-            for op in pending:
+        with self._rf_ops.lock:
+            for op in self._rf_ops.take():
                 self._apply_op(op)
 
     def _apply_op(self, op: Op) -> None:

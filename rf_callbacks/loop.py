@@ -71,7 +71,7 @@ class RotationLoop:
                     self._rf_dist.train(trial, ignore_keys_for_eval)
                     break
                 self._apply_pending()
-                with self._rf_ops_lock:
+                with self._rf_ops.lock:
                     self._maybe_checkpoint()
                 run = self.coordinator.next_run()
                 if run is None:
@@ -81,7 +81,7 @@ class RotationLoop:
                     self._train_group(group, trial, ignore_keys_for_eval)
                 else:
                     self._train_slice(run, trial, ignore_keys_for_eval)
-            with self._rf_ops_lock:
+            with self._rf_ops.lock:
                 self._maybe_checkpoint(final=True)
             self._rf_records.hold(False)
         except BaseException as error:  # with one run errors propagate as in TRL; the run still ends `failed`
@@ -94,8 +94,8 @@ class RotationLoop:
                 dashboard.stop()
             if server is not None:
                 server.stop()
-            with self._rf_ops_lock:
-                self._rf_training = False
+            with self._rf_ops.lock:
+                self._rf_ops.training = False
                 self._apply_pending()
             self._rf_progress.close()
             self._rf_records.sync()
@@ -273,7 +273,7 @@ class RotationLoop:
                 else:
                     self.control = self.callback_handler.on_substep_end(args, self.state, self.control)
             finished = self.control.should_training_stop or self.state.global_step >= plan.max_steps
-            if finished or self._rf_interrupt:  # an op (stop, delete) parks the run after this step
+            if finished or self._rf_ops.interrupt:  # an op (stop, delete) parks the run after this step
                 break
         run.last_step = (grad_norm, learning_rate)
         finished = self.control.should_training_stop or self.state.global_step >= plan.max_steps

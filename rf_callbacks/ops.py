@@ -10,6 +10,7 @@ socket server can use it.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -150,3 +151,23 @@ def merge_peft_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dic
         else:
             training[key] = value
     return training, peft
+
+
+class OpQueue:
+    """The accepted ops waiting for the training loop's next safe point, shared by every thread that submits them.
+
+    Hold `lock` around any read or change (it is re-entrant: an op applied under it may submit more, e.g. a policy's).
+    `training`: the loop is running, so ops wait in `pending`; otherwise they are applied at once. `interrupt`: an op
+    targets the run being trained, which parks after its current optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.pending: list[Op] = []
+        self.training = False
+        self.interrupt = False
+
+    def take(self) -> list[Op]:
+        """The pending ops, in the order accepted, handed over once (the interrupt is answered with them)."""
+        pending, self.pending, self.interrupt = self.pending, [], False
+        return pending
