@@ -265,18 +265,13 @@ class Experiment:
                 record["status"], record["error"] = "failed", record["error"] or error
         self._write_runs()
         model = trainer.model
-        self._close_trainer(trainer)
+        trainer.close()  # its ledger and reporters (files, tracking runs)
         self._trainer = trainer = None
         if isinstance(model, PeftModel):
             model = model.unload()  # removes the LoRA layers: the untouched base, ready for the next group
             if hasattr(model, "peft_config"):
                 del model.peft_config
         return model
-
-    @staticmethod
-    def _close_trainer(trainer) -> None:
-        """Close the trainer's ledger and reporters (files, tracking runs)."""
-        trainer.close()
 
     @staticmethod
     def _free() -> None:
@@ -334,7 +329,7 @@ class Experiment:
     def end(self) -> None:
         """Close any open trainer's ledger and reporters and free the model; the experiment then takes no run_fit."""
         if self._trainer is not None:
-            self._close_trainer(self._trainer)
+            self._trainer.close()
             self._trainer = None
         self._free()
         if not self._ended:
