@@ -108,34 +108,58 @@ def _load_policy_state(policy: Any, state: dict[str, Any] | None) -> None:
             setattr(policy, key, value)
 
 
+@dataclasses.dataclass
+class Checkpoints:
+    """When experiment checkpoints are due, and which one the experiment is in step with.
+
+    Args:
+        every (`int` or `None`): Boundaries between checkpoints (`checkpoint_every`); `None` when `save_strategy="no"`.
+        keep (`int`): How many checkpoints stay on disk (`save_total_limit`, default 2).
+    """
+
+    every: int | None
+    keep: int
+    boundaries: int = 0  # boundaries reached in this experiment, by every process (checkpoints are numbered by it)
+    since: int = 0  # boundaries since the last checkpoint
+    resume: Path | None = None  # the checkpoint `train()` continues from, until the loop has loaded it
+    last: Path | None = None  # the checkpoint the reporters' backends are in step with
+
+    @classmethod
+    def from_args(cls, args: Any, every: int | None) -> Checkpoints:
+        return cls(every=(every or 1) if args.save_strategy != "no" else None, keep=args.save_total_limit or 2)
+
+    def passed(self, boundaries: int = 1) -> None:
+        """Count boundaries reached (by this process, or by the others when they report)."""
+        self.boundaries += boundaries
+        self.since += boundaries
+
+    def due(self, should_save: bool, final: bool = False) -> bool:
+        """Whether a checkpoint is written now (`final`: training ended; one is due if any boundary is unsaved)."""
+        if self.every is None or not should_save:
+            return False
+        return self.since >= self.every or (final and self.since > 0)
+
+    def written(self, path: Path | None = None) -> None:
+        """A checkpoint was written (at `path`; `None` on a process that leaves the writing to rank 0)."""
+        self.since = 0
+        if path is not None:
+            self.last = path
+
+
 class CheckpointMixin:
     """The checkpoint half of `MultiConfigMixin`: `_checkpoint()` at boundaries, `_resume(path)` before the loop."""
 
-    def _init_checkpoints(self, every: int | None) -> None:
-        args = self._rf_shared_args
-        enabled = args.save_strategy != "no"
-        self._rf_checkpoint_every = (every or 1) if enabled else None
-        self._rf_keep = args.save_total_limit or 2
-        self._rf_boundaries = 0  # boundaries reached in this experiment (checkpoints are numbered by it)
-        self._rf_since_checkpoint = 0
-        self._rf_clones: dict[str, dict[str, Any]] = {}  # child -> how it was made
-        self._rf_resume: Path | None = None
-        self._rf_last_checkpoint: Path | None = None  # the checkpoint the reporters' backends are in step with
-
-    # ------------------------------------------------------------------------------------------------ writing
     def _maybe_checkpoint(self, final: bool = False) -> None:
-        every = self._rf_checkpoint_every
-        if every is None or not self._rf_shared_args.should_save:
-            return
-        if self._rf_since_checkpoint >= every or (final and self._rf_since_checkpoint):
+        if self._rf_checkpoints.due(self._rf_shared_args.should_save, final):
             self._checkpoint()
 
     def _checkpoint(self) -> Path:
         if self.active_run is not None:  # its state lives in the trainer's attributes; it stays active
             self._sync_attributes(self.active_run)
+        schedule = self._rf_checkpoints
         root = checkpoints_dir(self._rf_output_dir)
-        final = root / f"checkpoint-{self._rf_boundaries}"
-        temp = root / f".tmp-checkpoint-{self._rf_boundaries}"
+        final = root / f"checkpoint-{schedule.boundaries}"
+        temp = root / f".tmp-checkpoint-{schedule.boundaries}"
         shutil.rmtree(temp, ignore_errors=True)
         (temp / "runs").mkdir(parents=True)
         records = []
@@ -147,17 +171,17 @@ class CheckpointMixin:
                     os.link(source, folder / source.name)
             else:
                 self._write_run(run, folder)
-            records.append(self._run_record(run))
+            records.append({**run.record(), "activated": bool(run.attributes) and run.status != "deleted"})
         ledger_bytes = self._rf_records.flush()
         manifest = {
             "format": FORMAT,
             "trainer": type(self).__name__,
-            "boundary": self._rf_boundaries,
+            "boundary": schedule.boundaries,
             "time": time.time(),
             "ledger_bytes": ledger_bytes,
             "num_chunks": self._rf_num_chunks,
             "runs": records,
-            "pending_ops": [self._op_record(op) for op in self._rf_ops.pending],
+            "pending_ops": [op.record() for op in self._rf_ops.pending],
             "policies": [_policy_state(policy) for policy in self._rf_policies],
             "reporters": self._rf_records.state_dict(),
             "argv": [sys.executable, *sys.argv],
@@ -170,11 +194,10 @@ class CheckpointMixin:
         _fsync_dir(root)
         for run in self.coordinator:
             run.checkpoint_files, run.dirty = final / "runs" / run.name, False
-        self._rf_since_checkpoint = 0
-        self._rf_last_checkpoint = final
+        schedule.written(final)
         self._rf_records.write(None, None, None, "checkpoint", path=str(final))
         done = sorted((p for p in root.glob("checkpoint-*") if p != final and _number(p) >= 0), key=_number)
-        for old in done[: max(0, len(done) - self._rf_keep + 1)]:
+        for old in done[: max(0, len(done) - schedule.keep + 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -183,7 +206,7 @@ class CheckpointMixin:
         after the last checkpoint: it is sent now, and `reported.json` in that checkpoint records how many logs of
         each run went out, so that a resume from it does not send them again."""
         sent = self._rf_records.send_held()
-        last = self._rf_last_checkpoint
+        last = self._rf_checkpoints.last
         if any(sent) and last is not None and last.exists():
             write_json_atomic(last / "reported.json", {"reporters": sent})
         super().close()
@@ -216,28 +239,6 @@ class CheckpointMixin:
             run.state.save_to_json(str(folder / "trainer_state.json"))
         save_file(tensors, folder / "state.safetensors")
         (folder / "state.json").write_text(json.dumps(record), encoding="utf-8")
-
-    def _run_record(self, run: Run) -> dict[str, Any]:
-        grad_norm, learning_rate = run.last_step
-        return {
-            "name": run.name,
-            "status": run.status,
-            "next_slice": run.next_slice,
-            "slices_done": run.slices_done,
-            "wall_time": run.wall_time,
-            "error": run.error,
-            "reason": run.reason,
-            "activated": bool(run.attributes) and run.status != "deleted",
-            "last_step": [None if grad_norm is None else float(grad_norm), learning_rate],
-            "train_metrics": run.train_metrics,
-            "clone": self._rf_clones.get(run.name),
-            "oom_retry": run.oom_retry,
-        }
-
-    @staticmethod
-    def _op_record(op: Op) -> dict[str, Any]:
-        fields = ("kind", "run", "overrides", "warm_start", "copy_optimizer", "name", "source", "reason")
-        return {key: getattr(op, key) for key in fields}
 
     def _checkpoint_extra_state(self, run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The trainer subclass's own per-run state that a boundary does not reset: returned as JSON, plus tensors
@@ -309,12 +310,12 @@ class CheckpointMixin:
             self._restore_run(self.coordinator[record["name"]], record, path / "runs" / record["name"])
         for policy, state in zip(self._rf_policies, manifest["policies"]):
             _load_policy_state(policy, state)
-        self._rf_ops.pending = [Op(**op) for op in manifest["pending_ops"]] if main else []  # rank 0 sends them
+        self._rf_ops.pending = [Op.from_record(op) for op in manifest["pending_ops"]] if main else []  # rank 0 sends
         for op in self._rf_ops.pending:
             if op.kind == "clone":
                 op.spec = self._clone_spec(op)
-        self._rf_boundaries = manifest["boundary"]
-        self._rf_last_checkpoint = path
+        self._rf_checkpoints.boundaries = manifest["boundary"]
+        self._rf_checkpoints.last = path
         self._rf_records.write(None, None, None, "resumed", path=str(path), replayed_ops=len(replay))
         for op in replay:
             with contextlib.suppress(OpError):  # no longer valid here: recorded as refused, with the reason
@@ -336,18 +337,7 @@ class CheckpointMixin:
                 continue
             if record.get("event") != "op" or not record.get("accepted") or record.get("by") in issued_here:
                 continue
-            ops.append(
-                Op(
-                    kind=record["op"],
-                    run=record["target"],
-                    overrides=record.get("overrides", {}),
-                    warm_start=record.get("warm_start", False),
-                    copy_optimizer=record.get("copy_optimizer", False),
-                    name=record.get("name"),
-                    source=record["by"],
-                    reason=record.get("reason"),
-                )
-            )
+            ops.append(Op.from_described(record))
         return ops
 
     def _restore_clone(self, record: dict[str, Any]) -> None:
@@ -393,9 +383,7 @@ class CheckpointMixin:
             run.attributes["state"] = loaded
         if self.active_run is run:
             self._park(run)
-        run.status, run.next_slice, run.slices_done = record["status"], record["next_slice"], record["slices_done"]
-        run.wall_time, run.error, run.reason = record["wall_time"], record["error"], record["reason"]
-        run.last_step, run.train_metrics = tuple(record["last_step"]), record["train_metrics"]
+        run.load_record(record)
         run.checkpoint_files, run.dirty = folder, False
 
 

@@ -63,13 +63,18 @@ class Coordinator:
     def active(self) -> list[Run]:
         return [run for run in self.runs.values() if run.status in ACTIVE_STATUSES]
 
+    def frontier(self) -> int | None:
+        """The slices every active run has completed (the smallest next slice); `None` when no run is active."""
+        return min((run.next_slice for run in self.active()), default=None)
+
+    def frontier_runs(self) -> list[Run]:
+        """The active runs at the frontier, in order: the (run, slice) work before any run starts a later slice."""
+        frontier = self.frontier()
+        return [run for run in self.active() if run.next_slice == frontier]
+
     def next_run(self) -> Run | None:
         """The run that trains the next slice, or `None` when no run is pending or running."""
-        active = self.active()
-        if not active:
-            return None
-        frontier = min(run.next_slice for run in active)
-        return next(run for run in active if run.next_slice == frontier)
+        return next(iter(self.frontier_runs()), None)
 
     def total_steps(self) -> int:
         return sum(run.plan.max_steps for run in self.runs.values() if run.status != "deleted")

@@ -177,11 +177,9 @@ class Distributed:
         while True:
             self._sync()
             self._checkpoint()
-            active = trainer.coordinator.active()
-            if not active:
+            todo = trainer.coordinator.frontier_runs()
+            if not todo:
                 break
-            frontier = min(run.next_slice for run in active)
-            todo = [run for run in active if run.next_slice == frontier]
             plan = self.assign(todo)
             self._migrate(todo, plan)
             mine = [run for run in todo if plan[run.name] == self.rank]
@@ -240,15 +238,14 @@ class Distributed:
             "runs": [self._record(trainer.coordinator[name]) for name in self.trained],
             "ledger": trainer._rf_records.take_buffered(),
             "boundaries": self.boundaries,
-            "boundaries_done": trainer._rf_boundaries - self.boundaries_seen,
+            "boundaries_done": trainer._rf_checkpoints.boundaries - self.boundaries_seen,
         }
         self.trained, self.boundaries = [], []
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, local, group=self.group)
         others = sum(payload["boundaries_done"] for rank, payload in enumerate(gathered) if rank != self.rank)
-        trainer._rf_boundaries += others  # checkpoints are numbered and due by every rank's boundaries
-        trainer._rf_since_checkpoint += others
-        self.boundaries_seen = trainer._rf_boundaries
+        trainer._rf_checkpoints.passed(others)  # checkpoints are numbered and due by every rank's boundaries
+        self.boundaries_seen = trainer._rf_checkpoints.boundaries
         for rank, payload in enumerate(gathered):
             for record in payload["runs"]:
                 self.owner[record["name"]] = rank
@@ -282,14 +279,14 @@ class Distributed:
                 times = {run.name: run.wall_time for run in trainer.coordinator} if self.mode == "data" else {}
                 # The policies' memory (e.g. successive halving's rung), for `_wants_eval` on every rank
                 policies = [(self.policies.index(p), _policy_state(p)) for p in trainer._rf_policies]
-                payload = [([trainer._op_record(op) for op in pending], times, policies)]
+                payload = [([op.record() for op in pending], times, policies)]
             dist.broadcast_object_list(payload, src=0, group=self.group)
             records, times, policies = payload[0]
             if not self.main:
                 trainer._rf_policies = [self.policies[index] for index, _ in policies]
                 for policy, (_, state) in zip(trainer._rf_policies, policies):
                     _load_policy_state(policy, state)
-                pending = [Op(**record) for record in records]
+                pending = [Op.from_record(record) for record in records]
                 for op in pending:
                     if op.kind == "clone":
                         op.spec = trainer._clone_spec(op)
@@ -305,29 +302,15 @@ class Distributed:
     # -------------------------------------------------------------------------------------- run records
     def _record(self, run: Run) -> dict[str, Any]:
         """The checkpoint's account of `run`, plus its live `TrainerState`."""
-        return {**self.trainer._run_record(run), "state": run.state}
+        return {**run.record(), "state": run.state}
 
     def _merge(self, run: Run, record: dict[str, Any]) -> None:
         """Take another rank's account of `run`, which it trained last round (this rank's copy is stale)."""
-        for key in ("status", "next_slice", "slices_done", "wall_time", "error", "reason", "train_metrics"):
-            setattr(run, key, record[key])
-        run.last_step, run.oom_retry = tuple(record["last_step"]), record["oom_retry"]
+        run.load_record(record)
         run.dirty = True
-        self._drop_local(run)
+        self.trainer._release(run)
         if record["state"] is not None:
             run.attributes["state"] = record["state"]
-
-    def _drop_local(self, run: Run) -> None:
-        """Forget this rank's (stale) copy of a run's trainer state; its `TrainerState` stays for `results()`."""
-        trainer = self.trainer
-        if trainer.active_run is run:
-            trainer._park(run)
-        optimizer = run.attributes.get("optimizer")
-        if optimizer is not None and optimizer in trainer.accelerator._optimizers:
-            trainer.accelerator._optimizers.remove(optimizer)
-        state = run.attributes.get("state")
-        run.attributes = {"state": state} if state is not None else {}
-        run.trainable, run.trainable_names, run.pinned, run.rng, run.offloaded = [], [], {}, None, False
 
     # ------------------------------------------------------------------------------------- checkpoints
     def _checkpoint(self, final: bool = False) -> None:
@@ -336,8 +319,7 @@ class Distributed:
         trainer = self.trainer
         plan: list[Any] = [None]
         if self.main:
-            every, since = trainer._rf_checkpoint_every, trainer._rf_since_checkpoint
-            due = every is not None and trainer._rf_shared_args.should_save and (since >= every or (final and since))
+            due = trainer._rf_checkpoints.due(trainer._rf_shared_args.should_save, final)
             fetch = [
                 (run.name, self.owner[run.name])
                 for run in trainer.coordinator
@@ -362,7 +344,7 @@ class Distributed:
             finally:
                 self.remote = {}
         else:
-            trainer._rf_since_checkpoint = 0
+            trainer._rf_checkpoints.written()
 
     def _files(self, run: Run) -> dict[str, bytes]:
         """The checkpoint module's files for `run` (this rank holds its state), as bytes."""
@@ -386,7 +368,7 @@ class Distributed:
                 files = self._files(run)
                 activated = "optimizer" in run.attributes
                 dist.send_object_list([(files, activated)], dst=target, group=self.group)
-                self._drop_local(run)
+                self.trainer._release(run)
             elif self.rank == target:
                 received: list[Any] = [None]
                 dist.recv_object_list(received, src=source, group=self.group)
@@ -396,26 +378,14 @@ class Distributed:
 
     def _restore(self, run: Run, files: dict[str, bytes], activated: bool) -> None:
         trainer = self.trainer
-        self._drop_local(run)
+        trainer._release(run)
         run.attributes = {}  # rebuilt by the checkpoint reader, from the sender's files
         folder = Path(tempfile.mkdtemp(prefix="rf-migrate-"))
         try:
             for name, data in files.items():
                 (folder / name).write_bytes(data)
-            record = {
-                "status": run.status,
-                "activated": activated,
-                "next_slice": run.next_slice,
-                "slices_done": run.slices_done,
-                "wall_time": run.wall_time,
-                "error": run.error,
-                "reason": run.reason,
-                "last_step": run.last_step,
-                "train_metrics": run.train_metrics,
-                "oom_retry": run.oom_retry,
-            }
             with local_view():
-                trainer._restore_run(run, record, folder)
+                trainer._restore_run(run, {**run.record(), "activated": activated}, folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         run.checkpoint_files, run.dirty = None, True

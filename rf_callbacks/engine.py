@@ -22,7 +22,7 @@ from transformers import ProgressCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState
 
 from .adapters import save_adapter
-from .checkpoint import RESUME_ENV, CheckpointMixin
+from .checkpoint import RESUME_ENV, CheckpointMixin, Checkpoints
 from .chunks import DataPlan
 from .configs import RunSpec
 from .coordinator import Coordinator
@@ -107,10 +107,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         self._rf_num_chunks = 1 if rf.num_chunks == "auto" else rf.num_chunks
         plans = []
         for spec in specs:
-            key = self._data_key(spec.args)
-            if key not in self._rf_datasets:
-                self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
-                self._rf_columns[key] = self._train_columns(key)
+            key = self._prepare_data(spec.args)
             plans.append((spec, key, self._data_plan(spec, key)))
         if rf.num_chunks == "auto":
             self._rf_num_chunks = min(AUTO_CHUNKS, *(plan.steps_per_epoch for _, _, plan in plans))
@@ -123,7 +120,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)
         self._rf_output_dir = Path(self._rf_shared_args.output_dir)
-        self._init_checkpoints(rf.checkpoint_every)
+        self._rf_checkpoints = Checkpoints.from_args(self._rf_shared_args, rf.checkpoint_every)
         self._init_fused(rf.fused, rf.max_fused)
 
         # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
@@ -135,7 +132,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             self._rf_output_dir,
             self._claim_reporting(len(runs)),
             self._rf_shared_args.run_name,
-            deferred=self._rf_checkpoint_every is not None,  # trackers show what a resume keeps
+            deferred=self._rf_checkpoints.every is not None,  # trackers show what a resume keeps
             is_main=self._rf_dist is None or self._rf_dist.main,  # several processes: rank 0 writes
             info=self._experiment_info,
         )
@@ -143,6 +140,15 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         if self._rf_dist is not None:
             self._rf_dist.check()
         init_oom_retry(self, rf.oom_retry)
+
+    def _prepare_data(self, args) -> tuple:
+        """The key of a run's data sets, prepared the first time a run with these data settings appears (initial
+        runs and clones alike)."""
+        key = self._data_key(args)
+        if key not in self._rf_datasets:
+            self._rf_datasets[key] = self._prepare_run_datasets(args, key)
+            self._rf_columns[key] = self._train_columns(key)
+        return key
 
     def _train_columns(self, key: tuple) -> Any:
         """The train set as the dataloader sees it (unused columns gone); `None` for a stream, which each run reads
@@ -268,6 +274,20 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             run.offloaded = True
         self._rf_active = None
 
+    def _release(self, run: Run) -> None:
+        """Drop this process's copy of `run`'s trainer state (optimizer, scheduler, generators, parked tensors); its
+        `TrainerState` stays, for `results()`. A deleted run, or on several processes a copy another rank updated."""
+        if self._rf_active is run:
+            self._park(run)
+        optimizer = run.attributes.get("optimizer")
+        if optimizer is not None and optimizer in self.accelerator._optimizers:
+            self.accelerator._optimizers.remove(optimizer)
+        if optimizer is not None and self.callback_handler.optimizer is optimizer:
+            self.callback_handler.optimizer = self.callback_handler.lr_scheduler = None
+        state = run.attributes.get("state")
+        run.attributes = {"state": state} if state is not None else {}
+        run.trainable, run.trainable_names, run.pinned, run.rng, run.offloaded = [], [], {}, None, False
+
     def _sync_attributes(self, run: Run) -> None:
         """Copy the trainer's attributes of the active `run` into `run.attributes` (it stays active)."""
         for name in self.run_attributes:
@@ -323,9 +343,9 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         if resume_from_checkpoint not in (None, False):
             if self._rf_records.started:
                 raise ValueError("resume_from_checkpoint needs a freshly built trainer (this one has trained already)")
-            self._rf_resume = self._resolve_checkpoint(resume_from_checkpoint)
+            self._rf_checkpoints.resume = self._resolve_checkpoint(resume_from_checkpoint)
         idle = not self._rf_ops.pending and all(run.status not in ("pending", "running") for run in self.coordinator)
-        if self._rf_records.started and self._rf_resume is None and idle:
+        if self._rf_records.started and self._rf_checkpoints.resume is None and idle:
             logger.warning(
                 "train(): every run has ended (completed, stopped, failed or deleted), so there is nothing to train; "
                 "resume or clone a run first. Unlike SFTTrainer, a second train() does not start over."

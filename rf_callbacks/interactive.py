@@ -138,7 +138,7 @@ class InteractiveMixin:
         if status not in VALID_FROM[op.kind]:
             raise OpError(f"cannot {op.kind} run {op.run!r}: it is {status}")
         if op.kind == "clone":
-            if self._rf_checkpoint_every is not None:
+            if self._rf_checkpoints.every is not None:
                 try:
                     json.dumps(op.overrides, allow_nan=False)
                 except (TypeError, ValueError) as error:
@@ -268,8 +268,9 @@ class InteractiveMixin:
                 args=each.args,
                 parent=each.spec.parent,
             )
-        active = self.coordinator.active()
-        frontier = min(each.next_slice for each in active) if active else max(v.slices for v in views.values())
+        frontier = self.coordinator.frontier()
+        if frontier is None:  # no run is active: the last boundary any run reached
+            frontier = max(view.slices for view in views.values())
         return BoundaryView(run=run.name, frontier=frontier, num_chunks=self._rf_num_chunks, runs=views)
 
     def _run_policies(self, run: Run) -> None:
@@ -330,16 +331,9 @@ class InteractiveMixin:
         self._rf_records.status(run, by=op.source, **extra)
 
     def _free_run(self, run: Run) -> None:
-        if self.active_run is run:
-            self._park(run)
-        optimizer = run.attributes.get("optimizer")
-        if optimizer is not None and optimizer in self.accelerator._optimizers:
-            self.accelerator._optimizers.remove(optimizer)
-        if self.callback_handler.optimizer is optimizer:
-            self.callback_handler.optimizer = self.callback_handler.lr_scheduler = None
-        state = run.attributes.get("state")
-        run.attributes = {"state": state} if state is not None else {}
-        run.trainable, run.pinned, run.boundary_weights, run.rng, run.stream = [], {}, None, None, None
+        """A deleted run: its state, its weights at its last boundary and its adapter go."""
+        self._release(run)
+        run.boundary_weights, run.stream = None, None
         if isinstance(self.model, PeftModel) and run.spec.adapter_name in self.model.peft_config:
             self.model.delete_adapter(run.spec.adapter_name)
         if torch.cuda.is_available():
@@ -349,14 +343,11 @@ class InteractiveMixin:
         """Add the child run of a clone op; `restoring` rebuilds one recorded in a checkpoint (its weights, optimizer
         and events come from there)."""
         spec: RunSpec = op.spec
-        key = self._data_key(spec.args)
-        if key not in self._rf_datasets:
-            self._rf_datasets[key] = self._prepare_run_datasets(spec.args, key)
-            self._rf_columns[key] = self._train_columns(key)
+        key = self._prepare_data(spec.args)
         start_slice = parent.next_slice if start_slice is None else start_slice
         plan = self._data_plan(spec, key, start_slice=start_slice)
         child = Run(spec=spec, plan=plan, data_key=key, next_slice=plan.start_slice)
-        self._rf_clones[child.name] = {
+        child.clone = {
             "parent": op.run, "overrides": op.overrides, "warm_start": op.warm_start,
             "copy_optimizer": op.copy_optimizer, "name": child.name, "source": op.source, "reason": op.reason,
             "start_slice": start_slice,

@@ -43,8 +43,8 @@ class RotationLoop:
     def _inner_training_loop(
         self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None
     ) -> TrainOutput:
-        if self._rf_resume is not None:
-            path, self._rf_resume = self._rf_resume, None
+        if self._rf_checkpoints.resume is not None:
+            path, self._rf_checkpoints.resume = self._rf_checkpoints.resume, None
             self._resume(path)
         else:
             self._rf_records.open()
@@ -182,8 +182,7 @@ class RotationLoop:
         elif boundary:
             self._rf_records.write(run.name, self.state.global_step, run.current_chunk, "boundary")
         if finished or boundary:
-            self._rf_boundaries += 1
-            self._rf_since_checkpoint += 1
+            self._rf_checkpoints.passed()
             self._run_policies(run)
 
     def _snapshot(self, run: Run) -> None:

@@ -28,6 +28,9 @@ VALID_FROM = {
     "fail": ("pending", "running", "stopped"),
 }
 
+# What `Op.record()` keeps: everything that defines an op (not when it was issued, nor the clone's built spec).
+RECORD_FIELDS = ("kind", "run", "overrides", "warm_start", "copy_optimizer", "name", "source", "reason")
+
 
 @dataclass
 class Op:
@@ -68,6 +71,28 @@ class Op:
         if self.reason is not None:
             record["reason"] = self.reason
         return record
+
+    def record(self) -> dict[str, Any]:
+        """The op as JSON values: what a checkpoint keeps of a pending op and what rank 0 sends the other processes."""
+        return {key: getattr(self, key) for key in RECORD_FIELDS}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Op:
+        return cls(**{key: record[key] for key in RECORD_FIELDS})
+
+    @classmethod
+    def from_described(cls, record: dict[str, Any]) -> Op:
+        """The op a ledger record (`describe()`, as written with `event="op"`) shows."""
+        return cls(
+            kind=record["op"],
+            run=record["target"],
+            overrides=record.get("overrides", {}),
+            warm_start=record.get("warm_start", False),
+            copy_optimizer=record.get("copy_optimizer", False),
+            name=record.get("name"),
+            source=record["by"],
+            reason=record.get("reason"),
+        )
 
 
 class OpError(ValueError):

@@ -24,6 +24,19 @@ TRAINER_SCALARS = (
     "current_gradient_accumulation_steps",
 )
 STATUSES = ("pending", "running", "stopped", "completed", "failed", "deleted")
+# A run's place in the experiment, as checkpoints record it and processes exchange it (`Run.record`): the one list.
+RECORD_FIELDS = (
+    "status",
+    "next_slice",
+    "slices_done",
+    "wall_time",
+    "error",
+    "reason",
+    "last_step",
+    "train_metrics",
+    "oom_retry",
+    "clone",
+)
 ACTIVE_STATUSES = ("pending", "running")
 
 
@@ -61,6 +74,7 @@ class Run:
     checkpoint_files: Path | None = None  # the checkpoint folder that holds its current files
     oom_retry: dict | None = None  # with oom_retry=True, its retry after running out of memory (see `oom.py`)
     stream: Any = None  # with a streamed train set, its own pass over the stream (`streams.RunStream`)
+    clone: dict[str, Any] | None = None  # a clone: how it was made (parent, overrides, ...), to rebuild it on resume
 
     @property
     def name(self) -> str:
@@ -95,6 +109,20 @@ class Run:
         plan = self.plan
         epoch, in_epoch = divmod(plan.start_step + step - 1, plan.steps_per_epoch)
         return epoch * plan.num_chunks + plan.chunk_of_step(in_epoch)
+
+    def record(self) -> dict[str, Any]:
+        """Its `RECORD_FIELDS` as JSON values (what a checkpoint's manifest keeps of it, beside its files)."""
+        record = {key: getattr(self, key) for key in RECORD_FIELDS}
+        grad_norm, learning_rate = self.last_step
+        record["last_step"] = [None if grad_norm is None else float(grad_norm), learning_rate]
+        return {"name": self.name, **record}
+
+    def load_record(self, record: dict[str, Any]) -> None:
+        """Take the place `record` (from `record()`) describes; `clone` stays as built."""
+        for key in RECORD_FIELDS:
+            if key != "clone":
+                setattr(self, key, record[key])
+        self.last_step = tuple(record["last_step"])
 
     def __repr__(self) -> str:
         return (

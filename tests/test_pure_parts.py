@@ -3,18 +3,21 @@ coordinator's chunk-major order (`coordinator.py`), config parsing (`configs.py`
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
+import torch
 from accelerate.data_loader import SeedableRandomSampler
 from helpers import cpu_sft_config
 from peft import LoraConfig, PromptTuningConfig
 
+from rf_callbacks.checkpoint import Checkpoints
 from rf_callbacks.chunks import DataPlan, check_num_chunks, epoch_order
 from rf_callbacks.configs import RunSpec, parse_configs
 from rf_callbacks.coordinator import Coordinator
 from rf_callbacks.ops import Op, OpError, merge_peft_overrides, parse_request
-from rf_callbacks.run import Run
+from rf_callbacks.run import RECORD_FIELDS, Run
 from rf_callbacks.trainers.sft import SFT_PER_RUN_FIELDS
 
 LORA = LoraConfig(r=4, target_modules=["q_proj"])
@@ -131,6 +134,40 @@ def test_coordinator_skips_stopped_runs_and_counts_no_deleted_steps(tmp_path):
     assert runs.next_run() is None
 
 
+def test_the_frontier_is_the_smallest_next_slice_of_the_active_runs(tmp_path):
+    a, b, c = _run("a", tmp_path, start_slice=1), _run("b", tmp_path), _run("c", tmp_path)
+    runs = Coordinator([a, b, c])
+    assert runs.frontier() == 0 and runs.frontier_runs() == [b, c]
+    b.status, c.next_slice = "completed", 1
+    assert runs.frontier() == 1 and runs.frontier_runs() == [a, c]
+    a.status = c.status = "stopped"
+    assert runs.frontier() is None and runs.frontier_runs() == [] and runs.next_run() is None
+
+
+def test_a_run_record_round_trips_every_record_field(tmp_path):
+    a, b = _run("a", tmp_path), _run("b", tmp_path)
+    a.status, a.next_slice, a.slices_done, a.wall_time, a.error, a.reason = "stopped", 3, 3, 1.5, "e", "why"
+    a.last_step, a.train_metrics, a.oom_retry = (torch.tensor(0.25), 1e-3), {"train_loss": 2.0}, {"steps": 1}
+    a.clone = {"parent": "b"}
+    record = a.record()
+    assert set(record) == {"name", *RECORD_FIELDS} and record["last_step"] == [0.25, 1e-3]
+    assert json.loads(json.dumps(record)) == record  # checkpoints keep it as JSON
+    b.load_record(record)
+    assert all(getattr(b, key) == getattr(a, key) for key in RECORD_FIELDS if key not in ("last_step", "clone"))
+    assert b.last_step == (0.25, 1e-3) and b.clone is None  # a clone is rebuilt from its own record
+
+
+def test_checkpoints_are_due_every_n_boundaries_and_at_the_end():
+    schedule = Checkpoints(every=2, keep=2)
+    schedule.passed()
+    assert not schedule.due(True) and schedule.due(True, final=True) and not schedule.due(False, final=True)
+    schedule.passed()
+    assert schedule.due(True) and schedule.boundaries == 2
+    schedule.written()
+    assert not schedule.due(True, final=True) and schedule.last is None and schedule.boundaries == 2
+    assert not Checkpoints(every=None, keep=2).due(True, final=True)
+
+
 def test_coordinator_is_a_read_only_mapping_of_names(tmp_path):
     a = _run("a", tmp_path)
     runs = Coordinator([a, _run("b", tmp_path)])
@@ -206,6 +243,16 @@ def test_requests_become_ops_or_reads():
         {"learning_rate": 1e-4},
         {"r": 8, "lora_alpha": 16},
     )
+
+
+def test_an_op_record_round_trips_and_a_ledger_record_gives_the_op_back():
+    op = Op("clone", "a", {"learning_rate": 1e-4}, True, True, "a2", source="dashboard", reason="why")
+    back = Op.from_record(json.loads(json.dumps(op.record())))
+    assert (back.kind, back.run, back.overrides, back.warm_start, back.copy_optimizer, back.name, back.source,
+            back.reason) == ("clone", "a", {"learning_rate": 1e-4}, True, True, "a2", "dashboard", "why")  # fmt: skip
+    described = Op.from_described(op.describe())
+    assert described.record() == op.record()
+    assert Op.from_described(Op("stop", "b", source="cli").describe()).record() == Op("stop", "b", source="cli").record()
 
 
 @pytest.mark.parametrize(
