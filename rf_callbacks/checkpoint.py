@@ -150,14 +150,14 @@ class CheckpointMixin:
     """The checkpoint half of `MultiConfigMixin`: `_checkpoint()` at boundaries, `_resume(path)` before the loop."""
 
     def _maybe_checkpoint(self, final: bool = False) -> None:
-        if self._rf_checkpoints.due(self._rf_shared_args.should_save, final):
+        if self._rf_checkpoints.due(self._rf_setup.args.should_save, final):
             self._checkpoint()
 
     def _checkpoint(self) -> Path:
         if self.active_run is not None:  # its state lives in the trainer's attributes; it stays active
             self._sync_attributes(self.active_run)
         schedule = self._rf_checkpoints
-        root = checkpoints_dir(self._rf_output_dir)
+        root = checkpoints_dir(self._rf_setup.output_dir)
         final = root / f"checkpoint-{schedule.boundaries}"
         temp = root / f".tmp-checkpoint-{schedule.boundaries}"
         shutil.rmtree(temp, ignore_errors=True)
@@ -179,7 +179,7 @@ class CheckpointMixin:
             "boundary": schedule.boundaries,
             "time": time.time(),
             "ledger_bytes": ledger_bytes,
-            "num_chunks": self._rf_num_chunks,
+            "num_chunks": self._rf_setup.num_chunks,
             "runs": records,
             "pending_ops": [op.record() for op in self._rf_ops.pending],
             "policies": [_policy_state(policy) for policy in self._rf_policies],
@@ -260,10 +260,11 @@ class CheckpointMixin:
     # ------------------------------------------------------------------------------------------------ reading
     def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | os.PathLike) -> Path:
         if resume_from_checkpoint is True:
-            path = latest_checkpoint(self._rf_output_dir)
+            output_dir = self._rf_setup.output_dir
+            path = latest_checkpoint(output_dir)
             if path is None:
                 raise ValueError(
-                    f"resume_from_checkpoint=True but {checkpoints_dir(self._rf_output_dir)} holds no checkpoint "
+                    f"resume_from_checkpoint=True but {checkpoints_dir(output_dir)} holds no checkpoint "
                     f"(checkpoints are written when save_strategy is not 'no')"
                 )
             return path
@@ -290,9 +291,9 @@ class CheckpointMixin:
                 f"{path} holds runs {originals}, but this trainer was built with {list(self.coordinator.runs)}; "
                 f"resume with the configs that started the experiment"
             )
-        if manifest["num_chunks"] != self._rf_num_chunks:
-            raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {self._rf_num_chunks}")
-        ledger = self._rf_output_dir / "ledger.jsonl"
+        if manifest["num_chunks"] != self._rf_setup.num_chunks:
+            raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {self._rf_setup.num_chunks}")
+        ledger = self._rf_setup.output_dir / "ledger.jsonl"
         replay = []
         main = self._rf_records.is_main  # several processes: rank 0's records
         if ledger.exists() and main:

@@ -70,6 +70,30 @@ RUN_ATTRIBUTES = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The experiment-wide settings `_build_runs` fixes: every part reads them, none changes them.
+
+    Args:
+        args (`TrainingArguments`): The arguments every run's are built from: the output folder and the saving,
+            logging and sampling settings the runs share; clones start from them too.
+        num_chunks (`int`): Chunks per epoch, with `num_chunks="auto"` resolved.
+        boundary_eval (`bool`), control_socket (`bool`), dashboard (`bool`), offload_optimizer (`bool` or `str`):
+            The `RFArgs` options of the same names.
+    """
+
+    args: Any
+    num_chunks: int
+    boundary_eval: bool = True
+    control_socket: bool = True
+    dashboard: bool = False
+    offload_optimizer: bool | str = "auto"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+
 class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, InteractiveMixin, RecordsMixin, FusedMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
@@ -82,14 +106,17 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
     result_metrics: tuple[str, ...] = ()  # the trainer's own metrics `results()` reports (e.g. DPO's rewards)
 
     # ----------------------------------------------------------------------------------------------- building
-    def _build_runs(self, specs: list[RunSpec], rf: RFArgs) -> None:
+    def _build_runs(self, specs: list[RunSpec], rf: RFArgs, shared_args: Any = None) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists.
 
         The one setup sequence of every RF trainer, in this order: (1) fused mode's checks on the built trainer;
         (2) the processes, policies and the options the loop reads; (3) each run's prepared data and data plan, then
         `num_chunks="auto"`; (4) the runs and the coordinator; (5) the parts that need the runs: checkpoints, fused
         groups, the progress bar, the records, the control queue; (6) several processes' own checks; (7) the
-        out-of-memory retry, which needs the data plans."""
+        out-of-memory retry, which needs the data plans.
+
+        `shared_args` are the arguments clones are built from when they are not the trainer's own (GRPO's, with its
+        batch-derived fields unset)."""
         if rf.fused:
             self._check_fused(rf.max_fused)
         mode = resolve_parallel(rf.parallel, self.args.world_size, len(specs))  # several processes: see distributed.py
@@ -97,30 +124,33 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         self._rf_policies = self._check_policies(rf.policies)
         self._rf_decay_names: tuple = (None, None)
         self._rf_base_parameters: int | None = None
-        self._rf_boundary_eval = rf.boundary_eval
-        self._rf_control_socket, self._rf_dashboard = rf.control_socket, rf.dashboard
-        self._rf_shared_args = self.args
-        self._rf_offload = rf.offload_optimizer
+        self._rf_setup = Setup(
+            args=self.args if shared_args is None else shared_args,
+            num_chunks=1 if rf.num_chunks == "auto" else rf.num_chunks,  # "auto": resolved once the plans exist
+            boundary_eval=rf.boundary_eval,
+            control_socket=rf.control_socket,
+            dashboard=rf.dashboard,
+            offload_optimizer=rf.offload_optimizer,
+        )
         self._rf_active: Run | None = None
         self._rf_datasets: dict[tuple, tuple[Any, Any]] = {}
         self._rf_columns: dict[tuple, Any] = {}  # train sets as the dataloader would see them (unused columns gone)
-        self._rf_num_chunks = 1 if rf.num_chunks == "auto" else rf.num_chunks
         plans = []
         for spec in specs:
             key = self._prepare_data(spec.args)
             plans.append((spec, key, self._data_plan(spec, key)))
         if rf.num_chunks == "auto":
-            self._rf_num_chunks = min(AUTO_CHUNKS, *(plan.steps_per_epoch for _, _, plan in plans))
+            chunks = min(AUTO_CHUNKS, *(plan.steps_per_epoch for _, _, plan in plans))
+            self._rf_setup = dataclasses.replace(self._rf_setup, num_chunks=chunks)
             if len(specs) > 1:
-                logger.info("num_chunks='auto': %d chunks per epoch", self._rf_num_chunks)
+                logger.info("num_chunks='auto': %d chunks per epoch", chunks)
         runs = []
         for spec, key, plan in plans:
-            plan = dataclasses.replace(plan, num_chunks=self._rf_num_chunks)
+            plan = dataclasses.replace(plan, num_chunks=self._rf_setup.num_chunks)
             plan.check(spec.name)
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)
-        self._rf_output_dir = Path(self._rf_shared_args.output_dir)
-        self._rf_checkpoints = Checkpoints.from_args(self._rf_shared_args, rf.checkpoint_every)
+        self._rf_checkpoints = Checkpoints.from_args(self._rf_setup.args, rf.checkpoint_every)
         self._init_fused(rf.fused, rf.max_fused)
 
         # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
@@ -129,9 +159,9 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         self.add_callback(self._rf_progress)
         self.add_callback(LogEventsCallback(self._on_log))
         self._rf_records = Records(
-            self._rf_output_dir,
+            self._rf_setup.output_dir,
             self._claim_reporting(len(runs)),
-            self._rf_shared_args.run_name,
+            self._rf_setup.args.run_name,
             deferred=self._rf_checkpoints.every is not None,  # trackers show what a resume keeps
             is_main=self._rf_dist is None or self._rf_dist.main,  # several processes: rank 0 writes
             info=self._experiment_info,
@@ -187,7 +217,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             num_rows=num_rows,
             batch_size=batch_size,
             grad_accum=args.gradient_accumulation_steps,
-            num_chunks=self._rf_num_chunks,
+            num_chunks=self._rf_setup.num_chunks,
             max_steps=args.max_steps,
             num_train_epochs=args.num_train_epochs,
             drop_last=drop_last,
@@ -269,7 +299,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
 
     def _park(self, run: Run) -> None:
         self._sync_attributes(run)
-        if should_offload(self._rf_offload, optimizer_bytes(self.optimizer)):
+        if should_offload(self._rf_setup.offload_optimizer, optimizer_bytes(self.optimizer)):
             offload_optimizer(self.optimizer, run.pinned)
             run.offloaded = True
         self._rf_active = None
@@ -338,7 +368,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         """
         if resume_from_checkpoint is None and os.environ.get(RESUME_ENV):
             wanted = Path(os.environ[RESUME_ENV]).resolve()
-            if wanted == self._rf_output_dir.resolve() and not self._rf_records.started:
+            if wanted == self._rf_setup.output_dir.resolve() and not self._rf_records.started:
                 resume_from_checkpoint = True
         if resume_from_checkpoint not in (None, False):
             if self._rf_records.started:

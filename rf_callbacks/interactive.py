@@ -115,7 +115,7 @@ class InteractiveMixin:
                     "training": self._rf_ops.training,
                     "active": active.name if active is not None and self._rf_ops.training else None,
                     "chunk": active.current_chunk if active is not None else None,
-                    "num_chunks": self._rf_num_chunks,
+                    "num_chunks": self._rf_setup.num_chunks,
                     "runs": {run.name: run.status for run in self.coordinator},
                     "pending_ops": [op.describe() for op in self._rf_ops.pending],
                 }
@@ -201,9 +201,9 @@ class InteractiveMixin:
         elif name in taken:
             raise OpError(f"a run named {name!r} already exists")
         config = {**parent.overrides, **training, "name": name, "peft_config": peft_config}
-        runs_dir = self._rf_output_dir / "runs"
+        runs_dir = self._rf_setup.output_dir / "runs"
         try:
-            (spec,) = parse_configs([config], self._rf_shared_args, None, self.per_run_fields, lambda n: runs_dir / n)
+            (spec,) = parse_configs([config], self._rf_setup.args, None, self.per_run_fields, lambda n: runs_dir / n)
             self._check_run_spec(spec)
         except ValueError as error:
             raise OpError(str(error).replace("configs[0] ", "clone ")) from error
@@ -246,7 +246,7 @@ class InteractiveMixin:
         """Whether `run` is evaluated at the boundary it just reached (after slice `run.next_slice`)."""
         if self._evaluated_at_current_step():
             return False
-        if finished or self._rf_boundary_eval:
+        if finished or self._rf_setup.boundary_eval:
             return True
         slices = run.next_slice + 1
         return any(getattr(p, "evaluates_at", lambda _: True)(slices) for p in self._rf_policies)
@@ -271,7 +271,7 @@ class InteractiveMixin:
         frontier = self.coordinator.frontier()
         if frontier is None:  # no run is active: the last boundary any run reached
             frontier = max(view.slices for view in views.values())
-        return BoundaryView(run=run.name, frontier=frontier, num_chunks=self._rf_num_chunks, runs=views)
+        return BoundaryView(run=run.name, frontier=frontier, num_chunks=self._rf_setup.num_chunks, runs=views)
 
     def _run_policies(self, run: Run) -> None:
         """Ask each policy what to do now that `run` reached a boundary; apply its ops before the next slice."""

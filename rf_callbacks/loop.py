@@ -53,17 +53,17 @@ class RotationLoop:
             if model is self.model:
                 model = self.accelerator.prepare_model(model)
             self.model_wrapped = model
-        self._rf_progress.open(disable=self._rf_shared_args.disable_tqdm)
+        self._rf_progress.open(disable=self._rf_setup.args.disable_tqdm)
         self._memoize_mode_switch()
         self._rf_records.hold(True)
         server = dashboard = None
-        if self._rf_control_socket and self.args.should_save:
-            server = ControlServer(self._rf_output_dir / "control.sock", self.handle_request)
+        if self._rf_setup.control_socket and self.args.should_save:
+            server = ControlServer(self._rf_setup.output_dir / "control.sock", self.handle_request)
             server.start()
-            if self._rf_dashboard:
+            if self._rf_setup.dashboard:
                 from .dashboard.server import Dashboard
 
-                dashboard = Dashboard(self._rf_output_dir)
+                dashboard = Dashboard(self._rf_setup.output_dir)
                 print(f"rf-callbacks dashboard: {dashboard.start()}", flush=True)
         try:
             while True:
@@ -311,11 +311,11 @@ class RotationLoop:
         return epoch_order(run.plan.num_rows, epoch, self._data_seed(), self._shuffle())
 
     def _data_seed(self) -> int:
-        shared = self._rf_shared_args
+        shared = self._rf_setup.args
         return shared.data_seed if shared.data_seed is not None else shared.seed
 
     def _shuffle(self) -> bool:
-        return self._rf_shared_args.train_sampling_strategy != "sequential"
+        return self._rf_setup.args.train_sampling_strategy != "sequential"
 
     def _evaluated_at_current_step(self) -> bool:
         """Whether an evaluation (of any eval set: `eval_runtime`, `eval_<name>_runtime`) was logged at this step."""

@@ -255,7 +255,7 @@ class RecordsMixin:
         import transformers
         import trl
 
-        shared = self._rf_shared_args
+        shared = self._rf_setup.args
         return {
             "trainer": type(self).__name__,
             "num_chunks": next(iter(self.coordinator)).plan.num_chunks,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -151,7 +152,7 @@ def test_trainer_serves_the_dashboard_while_training(tokenizer, chat_data, sft_a
     from transformers import TrainerCallback
 
     trainer = live_trainer(tokenizer, chat_data, sft_args, tmp_path / "out", max_steps=6)
-    trainer._rf_dashboard = True  # what RFSFTTrainer(..., dashboard=True) sets
+    trainer._rf_setup = dataclasses.replace(trainer._rf_setup, dashboard=True)  # as RFSFTTrainer(dashboard=True)
     seen = {}
 
     class Fetch(TrainerCallback):

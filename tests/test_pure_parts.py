@@ -252,7 +252,8 @@ def test_an_op_record_round_trips_and_a_ledger_record_gives_the_op_back():
             back.reason) == ("clone", "a", {"learning_rate": 1e-4}, True, True, "a2", "dashboard", "why")  # fmt: skip
     described = Op.from_described(op.describe())
     assert described.record() == op.record()
-    assert Op.from_described(Op("stop", "b", source="cli").describe()).record() == Op("stop", "b", source="cli").record()
+    stop = Op("stop", "b", source="cli")
+    assert Op.from_described(stop.describe()).record() == stop.record()
 
 
 @pytest.mark.parametrize(

@@ -208,7 +208,7 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         )
 
     def _prepare_run_datasets(self, args, key: tuple) -> tuple[Any, Any]:
-        if key == self._data_key(self._rf_shared_args) or self._is_vision_dataset:
+        if key == self._data_key(self._rf_setup.args) or self._is_vision_dataset:
             return self.train_dataset, self.eval_dataset
         raw_train, raw_eval = self._rf_raw["train"], self._rf_raw["eval"]
         saved = (self.args, self.data_collator)

@@ -290,9 +290,8 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             )
         self._rf_generation_kwargs = dict(getattr(self, "generation_kwargs", None) or {})
         self._rf_head_temperature = args.temperature
-        self._build_runs(specs, rf)
         # Clones (IC ops) build their arguments from the shared ones as the configs above were built.
-        self._rf_shared_args = template
+        self._build_runs(specs, rf, shared_args=template)
 
     def _check_run_spec(self, spec: RunSpec) -> None:
 
@@ -360,7 +359,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
 
         base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         base.__dict__.pop("forward", None)  # back to the model class's own forward, then patch it afresh
-        cast = self._rf_shared_args.cast_lm_head_to_fp32
+        cast = self._rf_setup.args.cast_lm_head_to_fp32
         add_fused_lm_head(base, temperature=temperature, cast_lm_head_to_fp32=cast, outputs=("log_probs", "entropy"))
         if self.ref_model is not None:
             self.ref_model.__dict__.pop("forward", None)

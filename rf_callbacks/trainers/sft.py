@@ -182,7 +182,7 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         return (args.max_length, args.truncation_mode, args.completion_only_loss, args.assistant_only_loss)
 
     def _prepare_run_datasets(self, args, key: tuple) -> tuple[Any, Any]:
-        if key == self._data_key(self._rf_shared_args) or self._skip_prepare_dataset:
+        if key == self._data_key(self._rf_setup.args) or self._skip_prepare_dataset:
             return self.train_dataset, self.eval_dataset
         from trl.chat_template_utils import get_training_chat_template, has_generation_markers
 
