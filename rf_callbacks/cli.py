@@ -60,34 +60,6 @@ def results(args: argparse.Namespace) -> int:
     return 0
 
 
-def resume_experiment(args: argparse.Namespace) -> int:
-    """Rerun the script that wrote `<dir>/checkpoints` (same interpreter, arguments and working directory), with
-    `RF_CALLBACKS_RESUME=<dir>` so that its `train()` continues from the newest checkpoint."""
-    import json
-    import os
-    import subprocess
-
-    from .checkpoint import RESUME_ENV, latest_checkpoint
-
-    checkpoint = latest_checkpoint(args.dir)
-    if checkpoint is None:
-        print(f"rf-callbacks: no checkpoint under {args.dir / 'checkpoints'}", file=sys.stderr)
-        return 1
-    manifest = json.loads((checkpoint / "checkpoint.json").read_text(encoding="utf-8"))
-    command, cwd = manifest["argv"], manifest["cwd"]
-    script = Path(cwd) / command[1] if len(command) > 1 else None
-    if script is None or script.suffix != ".py" or not script.is_file():
-        print(
-            f"rf-callbacks: {checkpoint} was written by {command}, not by a Python script this command can rerun; "
-            "resume it with trainer.train(resume_from_checkpoint=True) in the same program",
-            file=sys.stderr,
-        )
-        return 1
-    print(f"rf-callbacks: resuming from {checkpoint}: {' '.join(command)}", flush=True)
-    environment = {**os.environ, RESUME_ENV: str(args.dir.resolve())}
-    return subprocess.call(command, cwd=cwd, env=environment)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rf-callbacks", description="Look at and steer rf-callbacks experiments.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

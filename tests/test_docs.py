@@ -190,3 +190,37 @@ def test_every_module_is_in_the_maintainer_layout():
         if f"`{path.name}`" not in layout and f"`{path.relative_to(package).as_posix()}`" not in layout:
             missing.append(path.relative_to(package).as_posix())
     assert not missing, f"modules missing from docs/maintainers.md's code layout: {missing}"
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each module of the package -> the package modules it imports, at import time or inside functions."""
+    package, graph = ROOT / "rf_callbacks", {}
+    for path in package.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        here = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = here[: len(here) - node.level + 1]
+                graph[name].add(".".join(base + ([node.module] if node.module else [])))
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rf_callbacks"):
+                graph[name].add(node.module)
+    return graph
+
+
+def test_the_package_has_no_import_cycles():
+    """The engine's parts import each other one way only (a cycle would make one part depend on another's inside)."""
+    graph = _package_imports()
+    assert graph["rf_callbacks.engine"] >= {"rf_callbacks.loop", "rf_callbacks.checkpoint"}  # the walk sees imports
+    cycles = []
+
+    def visit(name: str, path: list[str]) -> None:
+        for target in sorted(graph.get(name, ())):
+            if target == path[0]:
+                cycles.append(" -> ".join([*path, target]))
+            elif target not in path and target in graph and target > path[0]:  # each cycle once, from its least name
+                visit(target, [*path, target])
+
+    for name in sorted(graph):
+        visit(name, [name])
+    assert not cycles, cycles

@@ -1,7 +1,7 @@
 """The CLI's control subcommands: `ls`, `stop`, `resume`, `delete`, `clone`, `watch` and `dashboard`.
 
 `resume --dir OUT` without a run name is not an op: it reruns a killed experiment from its last checkpoint
-(`rf_callbacks.cli.resume_experiment`).
+(`resume_experiment`).
 
 They talk to the training running in `--dir` through its control socket and import only the standard library (no
 torch, transformers or TRL), so each answers in well under a second. A refusal exits non-zero with the server's
@@ -88,10 +88,35 @@ def _ask(directory: Path, message: dict[str, Any]) -> dict[str, Any] | None:
     return reply
 
 
+def resume_experiment(args: argparse.Namespace) -> int:
+    """Rerun the script that wrote `<dir>/checkpoints` (same interpreter, arguments and working directory), with
+    `RF_CALLBACKS_RESUME=<dir>` so that its `train()` continues from the newest checkpoint."""
+    import os
+    import subprocess
+
+    from ..checkpoint import RESUME_ENV, latest_checkpoint  # torch and safetensors, but only for this command
+
+    checkpoint = latest_checkpoint(args.dir)
+    if checkpoint is None:
+        print(f"rf-callbacks: no checkpoint under {args.dir / 'checkpoints'}", file=sys.stderr)
+        return 1
+    manifest = json.loads((checkpoint / "checkpoint.json").read_text(encoding="utf-8"))
+    command, cwd = manifest["argv"], manifest["cwd"]
+    script = Path(cwd) / command[1] if len(command) > 1 else None
+    if script is None or script.suffix != ".py" or not script.is_file():
+        print(
+            f"rf-callbacks: {checkpoint} was written by {command}, not by a Python script this command can rerun; "
+            "resume it with trainer.train(resume_from_checkpoint=True) in the same program",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"rf-callbacks: resuming from {checkpoint}: {' '.join(command)}", flush=True)
+    environment = {**os.environ, RESUME_ENV: str(args.dir.resolve())}
+    return subprocess.call(command, cwd=cwd, env=environment)
+
+
 def run_op(args: argparse.Namespace) -> int:
     if args.op == "resume" and args.run is None:
-        from ..cli import resume_experiment
-
         return resume_experiment(args)
     message: dict[str, Any] = {"op": args.op, "run": args.run}
     if args.op == "clone":
