@@ -84,10 +84,10 @@ class Setup:
 
     args: Any
     num_chunks: int
-    boundary_eval: bool = True
-    control_socket: bool = True
-    dashboard: bool = False
-    offload_optimizer: bool | str = "auto"
+    boundary_eval: bool
+    control_socket: bool
+    dashboard: bool
+    offload_optimizer: bool | str
 
     @property
     def output_dir(self) -> Path:
