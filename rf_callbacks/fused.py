@@ -5,10 +5,11 @@ generator (`RotationLoop._train_steps` in `loop.py`, the code rotation runs) yie
 are concatenated along the batch dimension (padded to the longest sequence), the frozen base runs once, and every
 LoRA layer adds each run's adapter to that run's rows only (`fused_lora.py`: PEFT's `adapter_names=` mixed batch
 refuses training mode, and it indexes rows where contiguous slices suffice). With equal micro-batch sizes a layer
-computes all adapters' updates in two batched matmuls; otherwise it applies them segment by segment. Each run's
-loss comes from TRL's own `compute_loss` on its rows of the fused LM head's per-token outputs, the losses are summed
-and backpropagated once (rows never mix in a causal LM, so each adapter's gradient is exactly its own run's), and
-each generator then does its own gradient clipping, optimizer and scheduler steps, logging and callbacks.
+computes all adapters' updates in two batched matmuls (sibling q/k/v and gate/up layers, with their frozen base, in
+one autograd node); otherwise it applies them segment by segment. Each run's loss comes from TRL's own `compute_loss`
+on its rows of the fused LM head's per-token outputs, the losses are summed and backpropagated once (rows never mix in
+a causal LM, so each adapter's gradient is exactly its own run's), and each generator then does its own gradient
+clipping, optimizer and scheduler steps, logging and callbacks.
 
 Equal to rotation up to floating-point summation order: the same sums are computed over differently shaped matrices
 (more rows, a longer padded sequence, batched matmuls), which a BLAS may reduce in another order (on the test CPU the

@@ -98,7 +98,7 @@ def test_concat_batches_pads_each_key_and_keeps_rows():
 
 
 def _paths(layers) -> set[str]:
-    """Which forward each layer takes in a round: a `_FusedLinears` block (with its number of layers) or a plan's path."""
+    """Which forward each layer takes in a round: a `_FusedLinears` block (with its layer count) or a plan's path."""
     from rf_callbacks.fused_lora import _block_forward
 
     found = set()
