@@ -285,18 +285,23 @@ class _FusedLinears(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         count, scales = len(block.present), _scales(block.scales, x.device, x.dtype)
         a_stacks, bt_stacks, flat = [], [], iter(lora)
-        for rank, out_features in zip(block.ranks, block.outs):
+        empty_a = x.new_empty((0, x.shape[-1]))
+        for out_features in block.outs:  # as in `_StackedLoRA`: one stack, or one pad_sequence (absent: rank 0)
             a_parts, b_parts = [], []
             for here in block.present:
                 if here:
-                    a, b = next(flat), next(flat)
+                    a_parts.append(next(flat))
+                    b_parts.append(next(flat).t())
                 else:
-                    a, b = x.new_zeros((0, x.shape[-1])), x.new_zeros((out_features, 0))
-                pad = rank - a.shape[0]
-                a_parts.append(torch.nn.functional.pad(a, (0, 0, 0, pad)) if pad else a)
-                b_parts.append(torch.nn.functional.pad(b.t(), (0, 0, 0, pad)) if pad else b.t())
-            a_stacks.append(torch.stack(a_parts))
-            bt_stacks.append(torch.stack(b_parts) * scales)
+                    a_parts.append(empty_a)
+                    b_parts.append(x.new_empty((0, out_features)))
+            if len({a.shape[0] for a in a_parts}) == 1:
+                a_stacks.append(torch.stack(a_parts))
+                bt_stack = torch.stack(b_parts)
+            else:
+                a_stacks.append(torch.nn.utils.rnn.pad_sequence(a_parts, batch_first=True))
+                bt_stack = torch.nn.utils.rnn.pad_sequence(b_parts, batch_first=True)
+            bt_stacks.append(bt_stack * scales)
         a_all = torch.cat(a_stacks, dim=1) if len(a_stacks) > 1 else a_stacks[0]  # [K, sum r, in]
         flat_x = x.reshape(-1, x.shape[-1])
         base = flat_x @ weight.t() if bias is None else torch.addmm(bias, flat_x, weight.t())
