@@ -5,10 +5,11 @@ generator (`RotationLoop._train_steps` in `loop.py`, the code rotation runs) yie
 are concatenated along the batch dimension (padded to the longest sequence), the frozen base runs once, and every
 LoRA layer adds each run's adapter to that run's rows only (`fused_lora.py`: PEFT's `adapter_names=` mixed batch
 refuses training mode, and it indexes rows where contiguous slices suffice). With equal micro-batch sizes a layer
-computes all adapters' updates in two batched matmuls; otherwise it applies them segment by segment. Each run's
-loss comes from TRL's own `compute_loss` on its rows of the fused LM head's per-token outputs, the losses are summed
-and backpropagated once (rows never mix in a causal LM, so each adapter's gradient is exactly its own run's), and
-each generator then does its own gradient clipping, optimizer and scheduler steps, logging and callbacks.
+computes all adapters' updates in two batched matmuls (sibling q/k/v and gate/up layers, with their frozen base, in
+one autograd node); otherwise it applies them segment by segment. Each run's loss comes from TRL's own `compute_loss`
+on its rows of the fused LM head's per-token outputs, the losses are summed and backpropagated once (rows never mix in
+a causal LM, so each adapter's gradient is exactly its own run's), and each generator then does its own gradient
+clipping, optimizer and scheduler steps, logging and callbacks.
 
 Equal to rotation up to floating-point summation order: the same sums are computed over differently shaped matrices
 (more rows, a longer padded sequence, batched matmuls), which a BLAS may reduce in another order (on the test CPU the
@@ -106,7 +107,7 @@ class FusedMixin:
         self._rf_max_fused = max_fused
         self._rf_group: list[Run] = []
         self._rf_fusable: dict[str, bool] = {}  # by adapter name
-        self._rf_model_index: tuple = (None, [], frozenset())
+        self._rf_model_index: tuple = (None, [], [], frozenset())
         self._rf_row_bytes = 0.0  # peak device memory per batch row of a fused round (CUDA), for max_fused="auto"
         self._rf_counted_length = 0  # CPU: the longest padded round whose saved bytes were counted
 
@@ -164,13 +165,14 @@ class FusedMixin:
         rows = max(run.plan.batch_size for run in peers)
         return max(1, int(0.8 * free / (self._rf_row_bytes * rows)))
 
-    def _model_index(self) -> tuple[list[LoraLinear], frozenset[int]]:
-        """The LoRA layers and the parameters' storage addresses, re-read only when adapters are added or deleted."""
+    def _model_index(self) -> tuple[list[LoraLinear], list[str], frozenset[int]]:
+        """The LoRA layers, their names and the parameters' storage addresses, re-read only when adapters are added or
+        deleted."""
         key = tuple(self.model.peft_config)
         if self._rf_model_index[0] != key:
-            layers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
+            named = [(name, m) for name, m in self.model.named_modules() if isinstance(m, LoraLinear)]
             storages = frozenset(param.untyped_storage().data_ptr() for param in self.model.parameters())
-            self._rf_model_index = (key, layers, storages)
+            self._rf_model_index = (key, [m for _, m in named], [name for name, _ in named], storages)
         return self._rf_model_index[1:]
 
     def _fused_model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -281,12 +283,12 @@ class FusedMixin:
         # Without a device allocator's peak, count the bytes autograd keeps for the backward: only for "auto" and only
         # in a round longer than any counted so far (the bytes per row grow with the padded length; a hook call per
         # saved tensor in every round cost ~4% of a small model's round).
-        layers, parameter_storages = self._model_index()
+        layers, names, parameter_storages = self._model_index()
         longest = inputs["input_ids"].shape[1]
         saved = None
         if not cuda and len(requests) > 1 and self._rf_max_fused == "auto" and longest > self._rf_counted_length:
             saved = _SavedBytes(parameter_storages)
-        with mixed_adapters(layers, segments), self.maybe_activation_offload_context:
+        with mixed_adapters(layers, segments, names), self.maybe_activation_offload_context:
             model.train()
             with self.compute_loss_context_manager(), saved or contextlib.nullcontext():
                 outputs = model(**self._fused_model_inputs(inputs), use_cache=False, fused_lm_head=True)
