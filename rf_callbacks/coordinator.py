@@ -69,8 +69,9 @@ class Coordinator:
 
     def frontier_runs(self) -> list[Run]:
         """The active runs at the frontier, in order: the (run, slice) work before any run starts a later slice."""
-        frontier = self.frontier()
-        return [run for run in self.active() if run.next_slice == frontier]
+        active = self.active()
+        frontier = min((run.next_slice for run in active), default=None)
+        return [run for run in active if run.next_slice == frontier]
 
     def next_run(self) -> Run | None:
         """The run that trains the next slice, or `None` when no run is pending or running."""
