@@ -90,24 +90,6 @@ def _rng_from_files(tensors: dict[str, torch.Tensor], record: dict[str, Any]) ->
     return rng
 
 
-def _policy_state(policy: Any) -> dict[str, Any] | None:
-    if callable(getattr(policy, "state_dict", None)):
-        return policy.state_dict()
-    if dataclasses.is_dataclass(policy):  # the built-in policies keep their memory in non-init fields
-        return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if not f.init}
-    return None
-
-
-def _load_policy_state(policy: Any, state: dict[str, Any] | None) -> None:
-    if state is None:
-        return
-    if callable(getattr(policy, "load_state_dict", None)):
-        policy.load_state_dict(state)
-    else:
-        for key, value in state.items():
-            setattr(policy, key, value)
-
-
 @dataclasses.dataclass
 class Checkpoints:
     """When experiment checkpoints are due, and which one the experiment is in step with.
@@ -182,7 +164,7 @@ class CheckpointMixin:
             "num_chunks": self._rf_setup.num_chunks,
             "runs": records,
             "pending_ops": [op.record() for op in self._rf_ops.pending],
-            "policies": [_policy_state(policy) for policy in self._rf_policies],
+            "policies": self._rf_policies.state_dict(),
             "reporters": self._rf_records.state_dict(),
             "argv": [sys.executable, *sys.argv],
             "cwd": os.getcwd(),
@@ -309,8 +291,7 @@ class CheckpointMixin:
                 self._restore_clone(record["clone"])
         for record in records:
             self._restore_run(self.coordinator[record["name"]], record, path / "runs" / record["name"])
-        for policy, state in zip(self._rf_policies, manifest["policies"]):
-            _load_policy_state(policy, state)
+        self._rf_policies.load_state_dict(manifest["policies"])
         self._rf_ops.pending = [Op.from_record(op) for op in manifest["pending_ops"]] if main else []  # rank 0 sends
         for op in self._rf_ops.pending:
             if op.kind == "clone":
@@ -326,7 +307,7 @@ class CheckpointMixin:
         """Ops accepted after the checkpoint from outside the script (socket, CLI, dashboard): the rerun script and
         its policies issue their own ops again, these nobody would. They are queued again, so they take effect at the
         checkpoint's boundary (a stop or delete possibly a few steps earlier than it first did)."""
-        issued_here = {"python"} | {type(policy).__name__ for policy in self._rf_policies}
+        issued_here = {"python"} | self._rf_policies.names()
         with open(ledger, "rb") as handle:
             handle.seek(offset)
             lines = handle.read().decode("utf-8", errors="replace").splitlines()
@@ -342,8 +323,9 @@ class CheckpointMixin:
         return ops
 
     def _restore_clone(self, record: dict[str, Any]) -> None:
-        op = Op("clone", record["parent"], record["overrides"], record["warm_start"], record["copy_optimizer"],
-                record["name"], source=record["source"], reason=record["reason"])  # fmt: skip
+        if "parent" in record:  # checkpoints before 2026-12-07 named the parent "parent"
+            record = {**record, "kind": "clone", "run": record["parent"]}
+        op = Op.from_record(record)
         op.spec = self._clone_spec(op)
         self._add_clone(op, self.coordinator[op.run], start_slice=record["start_slice"], restoring=True)
 

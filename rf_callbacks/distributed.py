@@ -48,7 +48,6 @@ import torch.distributed as dist
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType
 
-from .checkpoint import _load_policy_state, _policy_state
 from .ops import Op
 
 if TYPE_CHECKING:
@@ -142,7 +141,6 @@ class Distributed:
         self.migrations = 0
         self.remote: dict[str, dict[str, bytes]] = {}  # rank 0, while it writes a checkpoint: other ranks' run files
         self.boundaries_seen = 0  # the trainer's boundary count after the last sync
-        self.policies: list = []  # as given (set by `check`): rank 0 names them by position
 
     @property
     def shards(self) -> int:
@@ -153,12 +151,10 @@ class Distributed:
     def check(self) -> None:
         """Called once the runs exist: settings that several processes cannot honour."""
         trainer = self.trainer
-        self.policies = list(trainer._rf_policies)
         if not self.main:
             from transformers.trainer_callback import PrinterCallback
 
             trainer.callback_handler.remove_callback(PrinterCallback)  # it prints every log; rank 0 prints them
-            trainer._rf_progress.open = lambda disable=False, _open=trainer._rf_progress.open: _open(disable=True)
 
     # ------------------------------------------------------------------------------------------ the loop
     def train(self, trial, ignore_keys) -> None:
@@ -278,14 +274,12 @@ class Distributed:
                 pending = trainer._rf_ops.take()
                 times = {run.name: run.wall_time for run in trainer.coordinator} if self.mode == "data" else {}
                 # The policies' memory (e.g. successive halving's rung), for `_wants_eval` on every rank
-                policies = [(self.policies.index(p), _policy_state(p)) for p in trainer._rf_policies]
+                policies = trainer._rf_policies.state_dict()
                 payload = [([op.record() for op in pending], times, policies)]
             dist.broadcast_object_list(payload, src=0, group=self.group)
             records, times, policies = payload[0]
             if not self.main:
-                trainer._rf_policies = [self.policies[index] for index, _ in policies]
-                for policy, (_, state) in zip(trainer._rf_policies, policies):
-                    _load_policy_state(policy, state)
+                trainer._rf_policies.load_state_dict(policies)
                 pending = [Op.from_record(record) for record in records]
                 for op in pending:
                     if op.kind == "clone":

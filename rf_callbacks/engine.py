@@ -32,6 +32,7 @@ from .interactive import InteractiveMixin
 from .loop import RotationLoop
 from .oom import init_oom_retry
 from .parking import offload_optimizer, optimizer_bytes, reload_optimizer, seeded_rng, should_offload
+from .policy_set import PolicySet
 from .progress import RunsProgressCallback
 from .records import Records, RecordsMixin
 from .reporting import LogEventsCallback
@@ -121,7 +122,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             self._check_fused(rf.max_fused)
         mode = resolve_parallel(rf.parallel, self.args.world_size, len(specs))  # several processes: see distributed.py
         self._rf_dist = Distributed(self, mode) if mode is not None else None
-        self._rf_policies = self._check_policies(rf.policies)
+        self._rf_policies = PolicySet.check(rf.policies, self)
         self._rf_decay_names: tuple = (None, None)
         self._rf_base_parameters: int | None = None
         self._rf_setup = Setup(

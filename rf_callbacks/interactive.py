@@ -33,7 +33,7 @@ from transformers import set_seed
 
 from .configs import RunSpec, parse_configs
 from .ops import VALID_FROM, Op, OpError, OpQueue, merge_peft_overrides, parse_request
-from .policies import BoundaryView, Policy, RunView
+from .policies import BoundaryView, RunView
 from .run import Run
 
 logger = logging.getLogger(__name__)
@@ -223,25 +223,6 @@ class InteractiveMixin:
         return spec
 
     # ------------------------------------------------------------------------------------------ policies
-    def _check_policies(self, policies: list[Policy] | None) -> list[Policy]:
-        policies = list(policies or [])
-        for i, policy in enumerate(policies):
-            if not isinstance(policy, Policy):
-                raise ValueError(f"policies[{i}] must have an on_boundary(view) method, got {type(policy).__name__}")
-            metric = getattr(policy, "metric", None)  # the built-in policies say what they compare
-            if isinstance(metric, str) and metric.startswith("eval_") and self.eval_dataset is None:
-                raise ValueError(
-                    f"policies[{i}] ({type(policy).__name__}) compares {metric!r}, which needs an eval_dataset; pass "
-                    f"one, or use metric='loss'"
-                )
-            check = getattr(policy, "check_trainer", None)  # arguments valid only for some trainers (Explore.perturb)
-            if check is not None:
-                try:
-                    check(self)
-                except ValueError as error:
-                    raise ValueError(f"policies[{i}] ({type(policy).__name__}): {error}") from error
-        return policies
-
     def _wants_eval(self, run: Run, finished: bool) -> bool:
         """Whether `run` is evaluated at the boundary it just reached (after slice `run.next_slice`)."""
         if self._evaluated_at_current_step():
@@ -249,7 +230,7 @@ class InteractiveMixin:
         if finished or self._rf_setup.boundary_eval:
             return True
         slices = run.next_slice + 1
-        return any(getattr(p, "evaluates_at", lambda _: True)(slices) for p in self._rf_policies)
+        return self._rf_policies.evaluates_at(slices)
 
     def _boundary_view(self, run: Run) -> BoundaryView:
         views = {}
@@ -283,7 +264,7 @@ class InteractiveMixin:
 
     def _ask_policies(self, run: Run) -> None:
         """Submit the ops the policies issue now that `run` reached a boundary (applied by the caller)."""
-        for policy in list(self._rf_policies):
+        for policy in self._rf_policies:
             name = type(policy).__name__
             try:
                 ops = policy.on_boundary(self._boundary_view(run))
@@ -291,7 +272,7 @@ class InteractiveMixin:
                     raise TypeError(f"on_boundary must return a list of Op, got {ops!r}")
             except Exception as error:  # a broken policy must not end the experiment
                 logger.exception("policy %s failed and is disabled", name)
-                self._rf_policies.remove(policy)
+                self._rf_policies.disable(policy)
                 self._rf_records.write(run.name, run.global_step, run.current_chunk, "policy_error", policy=name,
                                      error=f"{type(error).__name__}: {error}")  # fmt: skip
                 continue
@@ -347,11 +328,7 @@ class InteractiveMixin:
         start_slice = parent.next_slice if start_slice is None else start_slice
         plan = self._data_plan(spec, key, start_slice=start_slice)
         child = Run(spec=spec, plan=plan, data_key=key, next_slice=plan.start_slice)
-        child.clone = {
-            "parent": op.run, "overrides": op.overrides, "warm_start": op.warm_start,
-            "copy_optimizer": op.copy_optimizer, "name": child.name, "source": op.source, "reason": op.reason,
-            "start_slice": start_slice,
-        }  # fmt: skip
+        child.clone = {**op.record(), "name": child.name, "start_slice": start_slice}  # the name as given or made
         set_seed(spec.args.seed)
         self._rf_mode = None  # its modules start in training mode, whatever the model's mode
         try:

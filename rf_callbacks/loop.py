@@ -53,7 +53,8 @@ class RotationLoop:
             if model is self.model:
                 model = self.accelerator.prepare_model(model)
             self.model_wrapped = model
-        self._rf_progress.open(disable=self._rf_setup.args.disable_tqdm)
+        # several processes: rank 0 shows the bar of every run
+        self._rf_progress.open(disable=self._rf_setup.args.disable_tqdm or not self._rf_records.is_main)
         self._memoize_mode_switch()
         self._rf_records.hold(True)
         server = dashboard = None

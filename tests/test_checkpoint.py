@@ -258,3 +258,48 @@ def test_outside_ops_after_the_last_checkpoint_are_replayed(tokenizer, chat_data
     assert resumed_record["replayed_ops"] == 2
     replayed = [(r["op"], r["by"]) for r in records[records.index(resumed_record) :] if r["event"] == "op"]
     assert replayed == [("stop", "cli"), ("clone", "dashboard")]
+
+
+def test_a_resume_keeps_a_disabled_policy_off_and_each_policy_its_memory(tokenizer, chat_data, sft_args, tmp_path):
+    """The checkpoint pairs each state with the policy it came from, also after an earlier policy was disabled."""
+    from transformers import TrainerCallback
+
+    class Broken:
+        def on_boundary(self, view):
+            raise RuntimeError("policy bug")
+
+    class Counter:  # its memory: how many boundaries it has seen
+        def __init__(self):
+            self.seen = 0
+
+        def on_boundary(self, view):
+            self.seen += 1
+            return []
+
+        def state_dict(self):
+            return {"seen": self.seen}
+
+        def load_state_dict(self, state):
+            self.seen = state["seen"]
+
+    class Crash(TrainerCallback):
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.trainer.active_run.name == "a" and state.global_step == 8:
+                raise KeyboardInterrupt
+
+    alone = Counter()
+    make_trainer(tokenizer, chat_data, sft_args, tmp_path / "alone", policies=[Broken(), alone]).train()
+    crashed = make_trainer(tokenizer, chat_data, sft_args, tmp_path, policies=[Broken(), Counter()])
+    crashed.add_callback(Crash(crashed))
+    with pytest.raises(KeyboardInterrupt):
+        crashed.train()
+    counter = Counter()
+    resumed = make_trainer(tokenizer, chat_data, sft_args, tmp_path, policies=[Broken(), counter])
+    resumed.train(resume_from_checkpoint=True)
+    assert counter.seen == alone.seen == 8  # 2 runs x 4 chunks, counted on from the checkpoint's value
+    assert list(resumed._rf_policies) == [counter]
+    records = read_ledger(tmp_path / "ledger.jsonl")
+    assert [r["policy"] for r in records if r["event"] == "policy_error"] == ["Broken"]  # not asked again

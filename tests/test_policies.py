@@ -320,7 +320,7 @@ def test_divergence_guard_broken_and_user_policies_end_to_end(tokenizer, chat_da
     records = read_ledger(tmp_path / "ledger.jsonl")
     (error,) = [r for r in records if r["event"] == "policy_error"]
     assert error["policy"] == "Broken" and error["error"] == "RuntimeError: policy bug"
-    assert trainer._rf_policies == policies[1:]  # disabled, the others kept working
+    assert list(trainer._rf_policies) == policies[1:]  # disabled, the others kept working
 
     # Alone, a run's NaN steps are TRL's business (the logged loss filters them) until the guard sees them.
     trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path / "nan", [guard], configs[2:], eval_set=False)

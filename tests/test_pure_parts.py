@@ -274,3 +274,25 @@ def test_an_op_record_round_trips_and_a_ledger_record_gives_the_op_back():
 def test_bad_requests_say_what_is_wrong(request_, message):
     with pytest.raises(OpError, match=message):
         parse_request(request_)
+
+
+def test_a_policy_set_keeps_each_state_with_its_policy_after_one_is_disabled():
+    from rf_callbacks.policies import DivergenceGuard, SuccessiveHalving
+    from rf_callbacks.policy_set import PolicySet
+
+    first, second = SuccessiveHalving(eta=2), SuccessiveHalving(eta=3)
+    second.rung = 2  # the built-in policies keep their memory in non-init fields
+    policies = PolicySet([first, DivergenceGuard(), second])
+    policies.disable(first)
+    assert list(policies) == policies.given[1:] and len(policies) == 2
+    state = json.loads(json.dumps(policies.state_dict()))  # as a checkpoint or another rank receives it
+
+    resumed = PolicySet([SuccessiveHalving(eta=2), DivergenceGuard(), SuccessiveHalving(eta=3)])
+    resumed.load_state_dict(state)
+    assert [type(p).__name__ for p in resumed] == ["DivergenceGuard", "SuccessiveHalving"]
+    assert list(resumed)[1].rung == 2 and resumed.given[0].rung == 0
+    assert resumed.names() == {"SuccessiveHalving", "DivergenceGuard"}
+
+    old = PolicySet([SuccessiveHalving(eta=2)])  # a checkpoint's list of states from before the enabled positions
+    old.load_state_dict([{"rung": 1, "done": False}])
+    assert list(old)[0].rung == 1
