@@ -355,7 +355,7 @@ def round_forwards(
 ) -> list[tuple[LoraLinear, Any]]:
     """The forward each layer takes in a round over `segments`: sibling layers (by name, when `names` are given)
     that can share a `_FusedLinears` node get a `_Block` together, a lone mergeable layer its own, any other layer
-    the `_mixed_forward` of its plan. Depends only on the segments and the adapters: it can be kept across rounds."""
+    the `_mixed_forward` of its plan."""
     plans = {id(layer): _LayerPlan(layer, segments) for layer in layers}
     forwards, blocked = [], set()
     by_name = dict(zip(names, layers)) if names is not None else {}
@@ -386,15 +386,11 @@ def round_forwards(
 
 @contextlib.contextmanager
 def mixed_adapters(
-    layers: Sequence[LoraLinear],
-    segments: Sequence[tuple[str, slice]],
-    names: Sequence[str] | None = None,
-    forwards: list[tuple[LoraLinear, Any]] | None = None,
+    layers: Sequence[LoraLinear], segments: Sequence[tuple[str, slice]], names: Sequence[str] | None = None
 ):
     """Within the block, `layers` apply each segment's adapter to its rows (kept through the backward, which
-    re-runs forwards under gradient checkpointing). `forwards`: `round_forwards(layers, segments, names)`, if kept."""
-    if forwards is None:
-        forwards = round_forwards(layers, segments, names)
+    re-runs forwards under gradient checkpointing)."""
+    forwards = round_forwards(layers, segments, names)
     for layer, forward in forwards:
         layer.forward = forward
     try:
