@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from .rf_args import RF_OPTIONS
+from .rf_args import RF_OPTIONS, with_options
 
 # Options that only tune the engine; ignored in drop-in mode.
 PASSIVE_OPTIONS = ("control_socket", "offload_optimizer")
@@ -57,7 +57,7 @@ def trl_parent(cls: type) -> type:
 def drop_in(cls: type) -> type:
     """Class decorator for an RF trainer: build and behave as its TRL parent unless the engine is asked for."""
     parent = trl_parent(cls)
-    engine_init = cls.__init__
+    engine_init = with_options(cls.__init__)  # `**options` spelled out: what callers, `help()` and binding see
     signature = inspect.signature(engine_init)
     own = set(ENGINE_OPTIONS) | set(PASSIVE_OPTIONS)
 

@@ -1,12 +1,18 @@
 """`RFArgs`: the rf-callbacks options, one list taken identically by `RFSFTTrainer`, `RFDPOTrainer` and
-`RFGRPOTrainer` (keyword-only, after the TRL parent's own arguments), validated once, before any work."""
+`RFGRPOTrainer` (keyword-only, after the TRL parent's own arguments), validated once, before any work.
+
+Each trainer's `__init__` takes them as `**options: Unpack[RFOptions]` (so type checkers and editors know every
+name and type) and `with_options` writes them into its signature (so `inspect.signature`, `help()` and argument
+binding see them as keyword-only parameters with their defaults): the trainers do not list them again."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, TypeVar
 
 from .chunks import check_num_chunks
 
@@ -155,13 +161,42 @@ class RFArgs:
         if self.dashboard and not self.control_socket:
             raise ValueError("dashboard=True needs control_socket=True (the page talks to the training through it)")
 
-    @classmethod
-    def take(cls, values: dict[str, Any]) -> RFArgs:
-        """The options out of a trainer's `__init__` arguments (its `locals()`), where each has the field's name."""
-        return cls(**{option.name: values[option.name] for option in dataclasses.fields(cls)})
-
 
 RF_OPTIONS: dict[str, Any] = {option.name: option.default for option in dataclasses.fields(RFArgs)}
+
+
+class RFOptions(TypedDict, total=False):
+    """`RFArgs`'s fields as a trainer's keyword arguments, for type checkers (`tests/test_rf_args.py` holds the two
+    lists equal)."""
+
+    num_chunks: int | str
+    offload_optimizer: bool | str
+    control_socket: bool
+    dashboard: bool
+    policies: list | None
+    boundary_eval: bool
+    checkpoint_every: int | None
+    fused: bool
+    max_fused: int | str
+    oom_retry: bool
+    parallel: str
+
+
+_Init = TypeVar("_Init", bound=Callable[..., None])
+
+
+def with_options(init: _Init) -> _Init:
+    """Give a trainer's `__init__(..., *, configs=None, **options)` the signature its callers see: `**options`
+    spelled out as `RFArgs`'s fields, keyword-only, with their defaults."""
+    signature = inspect.signature(init)
+    *named, options = signature.parameters.values()
+    assert options.kind is inspect.Parameter.VAR_KEYWORD, f"{init.__qualname__} must end with **options"
+    spelled = [
+        inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default, annotation=option.type)
+        for option in dataclasses.fields(RFArgs)
+    ]
+    init.__signature__ = signature.replace(parameters=[*named, *spelled])  # type: ignore[attr-defined]
+    return init
 
 
 def options_doc(indent: str = "        ") -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
 
 from rf_callbacks import RFDPOTrainer, RFGRPOTrainer, RFSFTTrainer
-from rf_callbacks.rf_args import RF_OPTIONS, RFArgs
+from rf_callbacks.rf_args import RF_OPTIONS, RFArgs, RFOptions
 
 
 @pytest.mark.parametrize("trainer", [RFSFTTrainer, RFDPOTrainer, RFGRPOTrainer])
@@ -42,6 +43,18 @@ def test_bad_values_are_refused_naming_the_option(values, message):
         RFArgs(**values)
 
 
-def test_defaults_and_take():
-    assert RFArgs() == RFArgs.take({**RF_OPTIONS, "model": object()})
+def test_defaults():
+    assert RFArgs() == RFArgs(**RF_OPTIONS)
     assert RFArgs(num_chunks=8, checkpoint_every=2).num_chunks == 8
+
+
+def test_the_typed_keywords_are_the_fields():
+    """`RFOptions` (what type checkers see for `**options`) names every `RFArgs` field with the same type."""
+    fields = {option.name: str(option.type) for option in dataclasses.fields(RFArgs)}
+    assert {name: hint.__forward_arg__ for name, hint in RFOptions.__annotations__.items()} == fields
+
+
+@pytest.mark.parametrize("trainer", [RFSFTTrainer, RFDPOTrainer, RFGRPOTrainer])
+def test_an_unknown_option_is_refused_as_python_refuses_it(trainer, tmp_path):
+    with pytest.raises(TypeError, match="got an unexpected keyword argument 'num_chunk'"):
+        trainer(model="m", train_dataset=None, configs=[{}], num_chunk=4)

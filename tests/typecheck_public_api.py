@@ -81,6 +81,14 @@ def dpo_and_grpo_scripts(model: Any, tokenizer: Any, pairs: Dataset, prompts: Da
     ).train()
 
 
+def mistyped_options(model: Any, train: Dataset) -> None:
+    """The engine options are typed: mypy refuses a misspelt one and a wrong type (`warn_unused_ignores` fails
+    `make lint` if it stops refusing them)."""
+    RFSFTTrainer(model=model, train_dataset=train, configs=[{}], num_chunk=4)  # type: ignore[call-arg]
+    RFDPOTrainer(model=model, train_dataset=train, fused="yes")  # type: ignore[arg-type]
+    RFGRPOTrainer(model=model, reward_funcs=len, train_dataset=train, checkpoint_every="2")  # type: ignore[arg-type]
+
+
 def rapidfire_script(train: Dataset, val: Dataset) -> None:
     configs = List(
         [

@@ -1,11 +1,13 @@
-"""What the three RF trainers share while they are built: argument coercion, setup validation, loading the
-model once and giving each run its adapter (a user-built `PeftModel` included), and data-set checks."""
+"""What the three RF trainers share while they are built: argument coercion, the runs' specs and the one model
+carrying their adapters (`runs_on_one_model`: parsing, checks, loading the model once, each run's adapter, a
+user-built `PeftModel` included), and data-set checks."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import torch
@@ -15,9 +17,44 @@ from transformers import PreTrainedModel, TrainingArguments
 from trl.trainer.utils import create_model_from_path
 
 from ..adapters import attach_adapters, remove_adapters
-from ..configs import RunSpec, describe_config
+from ..configs import RunSpec, describe_config, parse_configs
 
 logger = logging.getLogger(__name__)
+
+
+def runs_on_one_model(
+    model: str | PreTrainedModel,
+    args: TrainingArguments,
+    configs: Sequence[dict[str, Any]] | None,
+    peft_config: Any,
+    per_run_fields: frozenset[str],
+    *,
+    optimizers: tuple,
+    quantization_config: Any,
+    datasets: tuple[Any, Any],
+    check_specs: Callable[[list[RunSpec]], None],
+    check_dataset: Callable[[Any, str], None],
+    run_args: TrainingArguments | None = None,
+    train_required: str = "`train_dataset` is required",
+) -> tuple[list[RunSpec], torch.nn.Module, bool]:
+    """The runs' specs and the model carrying their adapters, checked in the order every trainer refuses things: the
+    specs (parsed from `run_args`, defaulting to `args`; the trainer's `check_specs`; what runs cannot share), then
+    the data sets (`check_dataset(data, name)`), and only then the model, loaded once, each run's adapter added.
+    Also returns whether the model was a `PeftModel` the user built (referenced as TRL references it)."""
+    runs_dir = Path(args.output_dir) / "runs"
+    user_peft = isinstance(model, PeftModel)
+    specs = parse_configs(
+        configs, run_args or args, peft_config, per_run_fields, lambda name: runs_dir / name, user_peft
+    )
+    check_specs(specs)
+    validate_setup(specs, args, optimizers)
+    train_dataset, eval_dataset = datasets
+    if train_dataset is None:
+        raise ValueError(train_required)
+    check_dataset(train_dataset, "train_dataset")
+    check_dataset(eval_dataset, "eval_dataset")
+    loaded = load_model(model, args, quantization_config)
+    return specs, attach_run_adapters(loaded, specs, peft_config), user_peft
 
 
 def validate_setup(specs: list[RunSpec], args: TrainingArguments, optimizers: tuple) -> None:

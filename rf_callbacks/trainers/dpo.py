@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
 from peft import PeftConfig, PeftModel
@@ -13,20 +12,22 @@ from transformers import PreTrainedModel, TrainingArguments
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
+from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec
 from ..dropin import drop_in
 from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
 from ..preference import DPO_PROCESS_WIDE_REASONS, validate_dpo_specs
-from ..rf_args import RFArgs
+from ..rf_args import RFArgs, RFOptions
 from .builder import (
-    attach_run_adapters,
     checked_model,
     coerce_args,
     load_model,
     named_datasets,
-    validate_setup,
+    runs_on_one_model,
 )
 from .reference import no_ref_adapter_copy, refuse_ref_name
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 DPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
     "max_length",
@@ -121,19 +122,9 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         peft_config: PeftConfig | None = None,
         *,
         configs: Sequence[dict[str, Any]] | None = None,
-        num_chunks: int | str = "auto",
-        offload_optimizer: bool | str = True,
-        control_socket: bool = True,
-        dashboard: bool = False,
-        policies: list | None = None,
-        boundary_eval: bool = True,
-        checkpoint_every: int | None = None,
-        fused: bool = False,
-        max_fused: int | str = "auto",
-        oom_retry: bool = False,
-        parallel: str = "auto",
+        **options: Unpack[RFOptions],
     ):
-        rf = RFArgs.take(locals())  # the options, validated (one list for every trainer: rf_args.py)
+        rf = RFArgs(**options)  # validated, naming the option
 
         args = coerce_args(model, args, DPOConfig, "DPO")
         for index, config in enumerate(configs or []):
@@ -144,25 +135,28 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
                         f"configs[{index}] ({name!r}): {key}={config[key]!r} cannot differ per run in one process "
                         f"({DPO_PROCESS_WIDE_REASONS[key]}); set it in args instead"
                     )
-        runs_dir = Path(args.output_dir) / "runs"
-        specs = parse_configs(
-            configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name, isinstance(model, PeftModel)
+
+        def check_specs(specs: list[RunSpec]) -> None:
+            validate_dpo_specs(specs)
+            refuse_ref_name(specs)
+
+        specs, model, user_peft = runs_on_one_model(
+            model,
+            args,
+            configs,
+            peft_config,
+            self.per_run_fields,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            datasets=(train_dataset, eval_dataset),
+            check_specs=check_specs,
+            check_dataset=_check_preference_dataset,
         )
-        validate_dpo_specs(specs)
-        refuse_ref_name(specs)
-        validate_setup(specs, args, optimizers)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required")
-        _check_preference_dataset(train_dataset, "train_dataset")
-        _check_preference_dataset(eval_dataset, "eval_dataset")
-        model = load_model(model, args, quantization_config)
         if ref_model is not None:
             ref_model = load_model(ref_model, args, quantization_config)
         guard = contextlib.nullcontext()
         # A PeftModel the user built is referenced as TRL references it (a frozen copy of its adapter); runs' fresh
         # adapters on a plain model are referenced by the shared base, adapters disabled.
-        user_peft = isinstance(model, PeftModel)
-        model = attach_run_adapters(model, specs, peft_config)
         if isinstance(model, PeftModel) and not user_peft and ref_model is None:
             guard = no_ref_adapter_copy(model)
         self._rf_raw = {"train": train_dataset, "eval": eval_dataset}

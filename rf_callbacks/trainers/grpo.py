@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
@@ -14,21 +13,22 @@ from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, TrainingArguments
 from trl import GRPOConfig, GRPOTrainer
 
-from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
+from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec
 from ..dropin import drop_in
 from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
-from ..rf_args import RFArgs
+from ..rf_args import RFArgs, RFOptions
 from ..streams import is_stream
 from .builder import (
-    attach_run_adapters,
     checked_model,
-    load_model,
     named_datasets,
     refuse_fused,
-    validate_setup,
+    runs_on_one_model,
 )
 from .grpo_checks import GRPO_PROCESS_WIDE_REASONS, validate_grpo_specs
 from .reference import no_ref_adapter_copy, refuse_ref_name
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 GRPO_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
     "num_generations",
@@ -179,19 +179,9 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         environment_factory: Callable | dict[str, Callable] | None = None,
         *,
         configs: Sequence[dict[str, Any]] | None = None,
-        num_chunks: int | str = "auto",
-        offload_optimizer: bool | str = True,
-        control_socket: bool = True,
-        dashboard: bool = False,
-        policies: list | None = None,
-        boundary_eval: bool = True,
-        checkpoint_every: int | None = None,
-        fused: bool = False,
-        max_fused: int | str = "auto",
-        oom_retry: bool = False,
-        parallel: str = "auto",
+        **options: Unpack[RFOptions],
     ):
-        rf = RFArgs.take(locals())  # the options, validated (one list for every trainer: rf_args.py)
+        rf = RFArgs(**options)  # validated, naming the option
         refuse_fused(rf.fused, "RFGRPOTrainer")
         plain_only = {"tools": tools, "rollout_func": rollout_func, "environment_factory": environment_factory}
         for name, value in plain_only.items():
@@ -254,26 +244,26 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
                         )
                     config["steps_per_generation"] = size // batch
                 run_configs.append(config)
-        runs_dir = Path(args.output_dir) / "runs"
-        specs = parse_configs(
+
+        def check_specs(specs: list[RunSpec]) -> None:
+            validate_grpo_specs(specs, num_rewards, evaluates=eval_dataset is not None)
+            refuse_ref_name(specs)
+
+        specs, model, user_peft = runs_on_one_model(  # a user-built PeftModel: referenced as TRL does (RFDPOTrainer)
+            model,
+            args,
             run_configs if run_configs is not None else configs,
-            template,
             peft_config,
             self.per_run_fields,
-            lambda name: runs_dir / name,
-            isinstance(model, PeftModel),
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            datasets=(train_dataset, eval_dataset),
+            check_specs=check_specs,
+            check_dataset=_check_prompt_dataset,
+            run_args=template,
+            train_required="`train_dataset` is required unless an `environment_factory` is provided.",
         )
-        validate_grpo_specs(specs, num_rewards, evaluates=eval_dataset is not None)
-        refuse_ref_name(specs)
-        validate_setup(specs, args, optimizers)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required unless an `environment_factory` is provided.")
-        _check_prompt_dataset(train_dataset, "train_dataset")
-        _check_prompt_dataset(eval_dataset, "eval_dataset")
-        model = load_model(model, args, quantization_config)
         guard = contextlib.nullcontext()
-        user_peft = isinstance(model, PeftModel)  # referenced as TRL references it (see RFDPOTrainer)
-        model = attach_run_adapters(model, specs, peft_config)
         if isinstance(model, PeftModel) and not user_peft:
             guard = no_ref_adapter_copy(model)
         with guard:

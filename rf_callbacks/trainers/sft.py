@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig
 from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import is_conversational
 
-from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec, parse_configs
+from ..configs import TRAINING_PER_RUN_FIELDS, RunSpec
 from ..dropin import drop_in
 from ..engine import RUN_ATTRIBUTES, MultiConfigMixin
-from ..rf_args import RFArgs
+from ..rf_args import RFArgs, RFOptions
 from .builder import (
-    attach_run_adapters,
     checked_model,
     coerce_args,
-    load_model,
     named_datasets,
-    validate_setup,
+    runs_on_one_model,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 SFT_PER_RUN_FIELDS = TRAINING_PER_RUN_FIELDS | {
     "max_length",
@@ -129,32 +129,22 @@ class RFSFTTrainer(MultiConfigMixin, SFTTrainer):
         formatting_func: Callable | None = None,
         *,
         configs: Sequence[dict[str, Any]] | None = None,
-        num_chunks: int | str = "auto",
-        offload_optimizer: bool | str = True,
-        control_socket: bool = True,
-        dashboard: bool = False,
-        policies: list | None = None,
-        boundary_eval: bool = True,
-        checkpoint_every: int | None = None,
-        fused: bool = False,
-        max_fused: int | str = "auto",
-        oom_retry: bool = False,
-        parallel: str = "auto",
+        **options: Unpack[RFOptions],
     ):
-        rf = RFArgs.take(locals())  # the options, validated (one list for every trainer: rf_args.py)
+        rf = RFArgs(**options)  # validated, naming the option
         args = coerce_args(model, args, SFTConfig, "SFT")
-        runs_dir = Path(args.output_dir) / "runs"
-        specs = parse_configs(
-            configs, args, peft_config, self.per_run_fields, lambda name: runs_dir / name, isinstance(model, PeftModel)
+        specs, model, _ = runs_on_one_model(
+            model,
+            args,
+            configs,
+            peft_config,
+            self.per_run_fields,
+            optimizers=optimizers,
+            quantization_config=quantization_config,
+            datasets=(train_dataset, eval_dataset),
+            check_specs=lambda specs: _validate_sft_specs(specs, compute_loss_func),
+            check_dataset=lambda data, name: _check_sft_dataset(data, name, args, formatting_func),
         )
-        _validate_sft_specs(specs, compute_loss_func)
-        validate_setup(specs, args, optimizers)
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required")
-        _check_sft_dataset(train_dataset, "train_dataset", args, formatting_func)
-        _check_sft_dataset(eval_dataset, "eval_dataset", args, formatting_func)
-        model = load_model(model, args, quantization_config)
-        model = attach_run_adapters(model, specs, peft_config)
         self._rf_raw = {"train": train_dataset, "eval": eval_dataset, "formatting_func": formatting_func}
         super().__init__(
             model=model,
