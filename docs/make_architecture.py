@@ -68,7 +68,7 @@ BOXES = {
         "_inner_training_loop\nstep generator _train_steps\n(one run or a fused group)",
     ),
     "parking": (9.9, 4.5, 2.7, 2.1, STATE, "parking", "a run's optimizer,\nscheduler, RNG, state\nswapped in and out"),
-    "ckpt": (13.1, 4.5, 2.6, 2.1, STATE, "checkpoint", "Checkpoints: due?\natomic, at\nboundaries; resume"),
+    "ckpt": (13.1, 4.5, 2.6, 2.1, STATE, "checkpoint", "Checkpointer: due?\natomic, at\nboundaries; resume"),
     "ops": (
         0.3,
         1.0,

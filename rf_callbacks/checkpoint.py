@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -128,44 +127,59 @@ class Checkpoints:
             self.last = path
 
 
-class CheckpointMixin:
-    """The checkpoint half of `MultiConfigMixin`: `_checkpoint()` at boundaries, `_resume(path)` before the loop."""
+class Checkpointer:
+    """The experiment checkpoints of one trainer: when one is due (`schedule`), writing one atomically at a boundary,
+    and resuming from one. It uses the trainer only through the interface `docs/maintainers.md` lists (a test holds it
+    to the code).
 
-    def _maybe_checkpoint(self, final: bool = False) -> None:
-        if self._rf_checkpoints.due(self._rf_setup.args.should_save, final):
-            self._checkpoint()
+    Args:
+        trainer (`MultiConfigMixin`): the trainer whose runs are checkpointed.
+        schedule (`Checkpoints`): when checkpoints are due, and which one the experiment is in step with.
+    """
 
-    def _checkpoint(self) -> Path:
-        if self.active_run is not None:  # its state lives in the trainer's attributes; it stays active
-            self._sync_attributes(self.active_run)
-        schedule = self._rf_checkpoints
-        root = checkpoints_dir(self._rf_setup.output_dir)
+    def __init__(self, trainer: Any, schedule: Checkpoints):
+        self.trainer, self.schedule = trainer, schedule
+
+    def maybe_write(self, final: bool = False) -> None:
+        if self.schedule.due(self.trainer._rf_setup.args.should_save, final):
+            self.write()
+
+    def write(self, sent: dict[str, dict[str, bytes]] | None = None) -> Path:
+        """Write a checkpoint now. `sent`: the files of runs whose state another process holds (several processes:
+        rank 0 writes them as they came)."""
+        trainer, schedule, sent = self.trainer, self.schedule, sent or {}
+        if trainer.active_run is not None:  # its state lives in the trainer's attributes; it stays active
+            trainer._sync_attributes(trainer.active_run)
+        root = checkpoints_dir(trainer._rf_setup.output_dir)
         final = root / f"checkpoint-{schedule.boundaries}"
         temp = root / f".tmp-checkpoint-{schedule.boundaries}"
         shutil.rmtree(temp, ignore_errors=True)
         (temp / "runs").mkdir(parents=True)
         records = []
-        for run in self.coordinator:
+        for run in trainer.coordinator:
             folder = temp / "runs" / run.name
             folder.mkdir()
             if run.checkpoint_files is not None and not run.dirty:
                 for source in run.checkpoint_files.iterdir():
                     os.link(source, folder / source.name)
+            elif run.name in sent:
+                for name, data in sent[run.name].items():
+                    (folder / name).write_bytes(data)
             else:
-                self._write_run(run, folder)
+                self.write_run(run, folder)
             records.append({**run.record(), "activated": bool(run.attributes) and run.status != "deleted"})
-        ledger_bytes = self._rf_records.flush()
+        ledger_bytes = trainer._rf_records.flush()
         manifest = {
             "format": FORMAT,
-            "trainer": type(self).__name__,
+            "trainer": type(trainer).__name__,
             "boundary": schedule.boundaries,
             "time": time.time(),
             "ledger_bytes": ledger_bytes,
-            "num_chunks": self._rf_setup.num_chunks,
+            "num_chunks": trainer._rf_setup.num_chunks,
             "runs": records,
-            "pending_ops": [op.record() for op in self._rf_ops.pending],
-            "policies": self._rf_policies.state_dict(),
-            "reporters": self._rf_records.state_dict(),
+            "pending_ops": [op.record() for op in trainer._rf_ops.pending],
+            "policies": trainer._rf_policies.state_dict(),
+            "reporters": trainer._rf_records.state_dict(),
             "argv": [sys.executable, *sys.argv],
             "cwd": os.getcwd(),
         }
@@ -174,26 +188,26 @@ class CheckpointMixin:
             shutil.rmtree(final)
         os.replace(temp, final)
         _fsync_dir(root)
-        for run in self.coordinator:
+        for run in trainer.coordinator:
             run.checkpoint_files, run.dirty = final / "runs" / run.name, False
         schedule.written(final)
-        self._rf_records.write(None, None, None, "checkpoint", path=str(final))
+        trainer._rf_records.write(None, None, None, "checkpoint", path=str(final))
         done = sorted((p for p in root.glob("checkpoint-*") if p != final and _number(p) >= 0), key=_number)
         for old in done[: max(0, len(done) - schedule.keep + 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def close(self) -> None:
-        """Close the reporters and the ledger. After an interrupted `train()` the reporters still hold what came
-        after the last checkpoint: it is sent now, and `reported.json` in that checkpoint records how many logs of
-        each run went out, so that a resume from it does not send them again."""
-        sent = self._rf_records.send_held()
-        last = self._rf_checkpoints.last
+    def reported(self, sent: list[int]) -> None:
+        """After an interrupted `train()` the reporters were sent what came after the last checkpoint (`sent`: how
+        many logs of each run went out): `reported.json` in that checkpoint says so, and a resume from it does not send
+        them again."""
+        last = self.schedule.last
         if any(sent) and last is not None and last.exists():
             write_json_atomic(last / "reported.json", {"reporters": sent})
-        super().close()
 
-    def _write_run(self, run: Run, folder: Path) -> None:
+    def write_run(self, run: Run, folder: Path) -> None:
+        """One run's files (its adapter, and when it has trained its optimizer, scheduler, RNG and trainer state)."""
+        trainer = self.trainer
         tensors: dict[str, torch.Tensor] = {}
         record: dict[str, Any] = {}
         if run.status != "deleted":
@@ -201,7 +215,7 @@ class CheckpointMixin:
                 adapter = zip(run.trainable_names, run.trainable)
             else:  # never activated (or a failed clone): find its parameters by adapter name
                 prefix = f".{run.spec.adapter_name}."
-                adapter = ((name, p) for name, p in self.model.named_parameters() if prefix in name)
+                adapter = ((name, p) for name, p in trainer.model.named_parameters() if prefix in name)
             for name, param in adapter:
                 tensors[f"adapter.{name}"] = param.detach().to("cpu", copy=True).contiguous()
             for name, value in (run.boundary_weights or {}).items():
@@ -212,7 +226,7 @@ class CheckpointMixin:
             rng_tensors, record["rng"] = _rng_to_files(run.rng)
             tensors.update(rng_tensors)
             record["scalars"] = {name: attributes[name] for name in TRAINER_SCALARS}
-            record["extra"] = self._checkpoint_extra_state(run, tensors)
+            record["extra"] = trainer._checkpoint_extra_state(run, tensors)
             torch.save(attributes["optimizer"].state_dict(), folder / "optimizer.pt")
             torch.save(attributes["lr_scheduler"].state_dict(), folder / "scheduler.pt")
         if run.optimizer_init is not None:
@@ -222,27 +236,12 @@ class CheckpointMixin:
         save_file(tensors, folder / "state.safetensors")
         (folder / "state.json").write_text(json.dumps(record), encoding="utf-8")
 
-    def _checkpoint_extra_state(self, run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The trainer subclass's own per-run state that a boundary does not reset: returned as JSON, plus tensors
-        added to `tensors` under keys starting with `extra.` (CPU copies; they go to `state.safetensors`)."""
-        attributes, extra = run.attributes, {}
-        if "_metrics" in attributes:
-            extra["_metrics"] = {split: dict(values) for split, values in attributes["_metrics"].items()}
-        if "_total_train_tokens" in attributes:
-            extra["_total_train_tokens"] = attributes["_total_train_tokens"]
-        return extra
-
-    def _load_extra_state(self, extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Put back what `_checkpoint_extra_state` saved, into the trainer's attributes of the run being restored."""
-        if "_metrics" in extra:
-            self._metrics = {split: defaultdict(list, values) for split, values in extra["_metrics"].items()}
-        if "_total_train_tokens" in extra:
-            self._total_train_tokens = extra["_total_train_tokens"]
-
     # ------------------------------------------------------------------------------------------------ reading
-    def _resolve_checkpoint(self, resume_from_checkpoint: str | bool | os.PathLike) -> Path:
+    def resolve(self, resume_from_checkpoint: str | bool | os.PathLike) -> Path:
+        """The checkpoint `train(resume_from_checkpoint=...)` names: `True` for the newest, or a folder."""
+        trainer = self.trainer
         if resume_from_checkpoint is True:
-            output_dir = self._rf_setup.output_dir
+            output_dir = trainer._rf_setup.output_dir
             path = latest_checkpoint(output_dir)
             if path is None:
                 raise ValueError(
@@ -259,55 +258,60 @@ class CheckpointMixin:
             )
         return path
 
-    def _resume(self, path: Path) -> None:
+    def resume_from(self, path: Path) -> None:
+        """Load the experiment's state from the checkpoint at `path` (before the loop's first slice)."""
+        trainer = self.trainer
         manifest = json.loads((path / "checkpoint.json").read_text(encoding="utf-8"))
-        if manifest.get("format") != FORMAT or manifest.get("trainer") != type(self).__name__:
+        if manifest.get("format") != FORMAT or manifest.get("trainer") != type(trainer).__name__:
             raise ValueError(
                 f"{path} was written by {manifest.get('trainer')} (format {manifest.get('format')}), not by "
-                f"{type(self).__name__} (format {FORMAT})"
+                f"{type(trainer).__name__} (format {FORMAT})"
             )
         records = manifest["runs"]
         originals = [r["name"] for r in records if r["clone"] is None]
-        if originals != list(self.coordinator.runs):
+        if originals != list(trainer.coordinator.runs):
             raise ValueError(
-                f"{path} holds runs {originals}, but this trainer was built with {list(self.coordinator.runs)}; "
+                f"{path} holds runs {originals}, but this trainer was built with {list(trainer.coordinator.runs)}; "
                 f"resume with the configs that started the experiment"
             )
-        if manifest["num_chunks"] != self._rf_setup.num_chunks:
-            raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {self._rf_setup.num_chunks}")
-        ledger = self._rf_setup.output_dir / "ledger.jsonl"
+        if manifest["num_chunks"] != trainer._rf_setup.num_chunks:
+            raise ValueError(f"{path} used num_chunks={manifest['num_chunks']}, not {trainer._rf_setup.num_chunks}")
+        ledger = trainer._rf_setup.output_dir / "ledger.jsonl"
         replay = []
-        main = self._rf_records.is_main  # several processes: rank 0's records
+        main = trainer._rf_records.is_main  # several processes: rank 0's records
         if ledger.exists() and main:
             replay = self._outside_ops_after(ledger, manifest["ledger_bytes"])
-            self._rf_records.truncate(manifest["ledger_bytes"])  # what came after the checkpoint is written again
-        self._rf_records.open(resuming=True)
+            trainer._rf_records.truncate(manifest["ledger_bytes"])  # what came after the checkpoint is written again
+        trainer._rf_records.open(resuming=True)
         reported = None  # logs an interrupted process sent after this checkpoint
         if (path / "reported.json").exists():
             reported = json.loads((path / "reported.json").read_text(encoding="utf-8"))["reporters"]
-        self._rf_records.load_state_dict(manifest["reporters"], reported)
+        trainer._rf_records.load_state_dict(manifest["reporters"], reported)
         for record in records:
             if record["clone"] is not None:
                 self._restore_clone(record["clone"])
         for record in records:
-            self._restore_run(self.coordinator[record["name"]], record, path / "runs" / record["name"])
-        self._rf_policies.load_state_dict(manifest["policies"])
-        self._rf_ops.pending = [Op.from_record(op) for op in manifest["pending_ops"]] if main else []  # rank 0 sends
-        for op in self._rf_ops.pending:
+            self.restore_run(trainer.coordinator[record["name"]], record, path / "runs" / record["name"])
+        trainer._rf_policies.load_state_dict(manifest["policies"])
+        trainer._rf_ops.pending = (
+            [Op.from_record(op) for op in manifest["pending_ops"]] if main else []
+        )  # rank 0 sends
+        for op in trainer._rf_ops.pending:
             if op.kind == "clone":
-                op.spec = self._clone_spec(op)
-        self._rf_checkpoints.boundaries = manifest["boundary"]
-        self._rf_checkpoints.last = path
-        self._rf_records.write(None, None, None, "resumed", path=str(path), replayed_ops=len(replay))
+                op.spec = trainer._clone_spec(op)
+        self.schedule.boundaries = manifest["boundary"]
+        self.schedule.last = path
+        trainer._rf_records.write(None, None, None, "resumed", path=str(path), replayed_ops=len(replay))
         for op in replay:
             with contextlib.suppress(OpError):  # no longer valid here: recorded as refused, with the reason
-                self.submit_op(op)
+                trainer.submit_op(op)
 
     def _outside_ops_after(self, ledger: Path, offset: int) -> list[Op]:
         """Ops accepted after the checkpoint from outside the script (socket, CLI, dashboard): the rerun script and
         its policies issue their own ops again, these nobody would. They are queued again, so they take effect at the
         checkpoint's boundary (a stop or delete possibly a few steps earlier than it first did)."""
-        issued_here = {"python"} | self._rf_policies.names()
+        trainer = self.trainer
+        issued_here = {"python"} | trainer._rf_policies.names()
         with open(ledger, "rb") as handle:
             handle.seek(offset)
             lines = handle.read().decode("utf-8", errors="replace").splitlines()
@@ -323,13 +327,16 @@ class CheckpointMixin:
         return ops
 
     def _restore_clone(self, record: dict[str, Any]) -> None:
+        trainer = self.trainer
         if "parent" in record:  # checkpoints before 2026-12-07 named the parent "parent"
             record = {**record, "kind": "clone", "run": record["parent"]}
         op = Op.from_record(record)
-        op.spec = self._clone_spec(op)
-        self._add_clone(op, self.coordinator[op.run], start_slice=record["start_slice"], restoring=True)
+        op.spec = trainer._clone_spec(op)
+        trainer._add_clone(op, trainer.coordinator[op.run], start_slice=record["start_slice"], restoring=True)
 
-    def _restore_run(self, run: Run, record: dict[str, Any], folder: Path) -> None:
+    def restore_run(self, run: Run, record: dict[str, Any], folder: Path) -> None:
+        """Load one run's files from `folder` into the run (and the trainer, while it is activated to load them)."""
+        trainer = self.trainer
         if record.get("oom_retry") and run.oom_retry is None:  # it went on with half the micro-batch
             halve_micro_batch(run)
             run.oom_retry = record["oom_retry"]
@@ -337,21 +344,21 @@ class CheckpointMixin:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if record["status"] == "deleted":
             if run.status != "deleted":
-                self._free_run(run)
+                trainer._free_run(run)
         else:
-            params = dict(self.model.named_parameters())
+            params = dict(trainer.model.named_parameters())
             with torch.no_grad():
                 for key, value in tensors.items():
                     if key.startswith("adapter."):
                         params[key[len("adapter.") :]].copy_(value)
             if record["activated"]:
-                self._activate(run)
-                self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-                self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-                self._tr_loss = tensors["tr_loss"].to(self.args.device).reshape(())
+                trainer._activate(run)
+                trainer.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+                trainer.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+                trainer._tr_loss = tensors["tr_loss"].to(trainer.args.device).reshape(())
                 for name, value in state["scalars"].items():
-                    setattr(self, name, value)
-                self._load_extra_state(state["extra"], tensors)
+                    setattr(trainer, name, value)
+                trainer._load_extra_state(state["extra"], tensors)
                 run.rng = _rng_from_files(tensors, state["rng"])
             boundary = {k[len("boundary.") :]: v for k, v in tensors.items() if k.startswith("boundary.")}
             run.boundary_weights = boundary or None
@@ -361,11 +368,11 @@ class CheckpointMixin:
             loaded = TrainerState.load_from_json(str(folder / "trainer_state.json"))
             if run.state is not None:
                 loaded.stateful_callbacks = run.state.stateful_callbacks
-            if self.active_run is run:
-                self.state = loaded
+            if trainer.active_run is run:
+                trainer.state = loaded
             run.attributes["state"] = loaded
-        if self.active_run is run:
-            self._park(run)
+        if trainer.active_run is run:
+            trainer._park(run)
         run.load_record(record)
         run.checkpoint_files, run.dirty = folder, False
 

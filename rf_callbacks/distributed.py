@@ -115,15 +115,6 @@ class DistributedMixin:
             coordination.reduce_gradients(self.active_run.trainable)
         return loss
 
-    def _write_run(self, run, folder: Path) -> None:
-        """A checkpoint written by rank 0 holds the files another rank sent for the runs it trains."""
-        files = self._rf_dist.remote.get(run.name) if self._rf_dist is not None else None
-        if files is None:
-            return super()._write_run(run, folder)
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-        return None
-
 
 class Distributed:
     """Rank coordination for a `MultiConfigMixin` trainer launched on several processes."""
@@ -139,7 +130,6 @@ class Distributed:
         self.boundaries: list[str] = []  # runs that reached a boundary (or failed) since the last sync
         self.rounds = 0
         self.migrations = 0
-        self.remote: dict[str, dict[str, bytes]] = {}  # rank 0, while it writes a checkpoint: other ranks' run files
         self.boundaries_seen = 0  # the trainer's boundary count after the last sync
 
     @property
@@ -201,7 +191,7 @@ class Distributed:
             self.apply_ops()
             if self.main:  # every rank holds the same state: rank 0 writes it alone
                 with trainer._rf_ops.lock:
-                    trainer._maybe_checkpoint()
+                    trainer._rf_checkpoints.maybe_write()
             run = trainer.coordinator.next_run()
             if run is None:
                 break
@@ -234,14 +224,14 @@ class Distributed:
             "runs": [self._record(trainer.coordinator[name]) for name in self.trained],
             "ledger": trainer._rf_records.take_buffered(),
             "boundaries": self.boundaries,
-            "boundaries_done": trainer._rf_checkpoints.boundaries - self.boundaries_seen,
+            "boundaries_done": trainer._rf_checkpoints.schedule.boundaries - self.boundaries_seen,
         }
         self.trained, self.boundaries = [], []
         gathered: list[Any] = [None] * self.world
         dist.all_gather_object(gathered, local, group=self.group)
         others = sum(payload["boundaries_done"] for rank, payload in enumerate(gathered) if rank != self.rank)
-        trainer._rf_checkpoints.passed(others)  # checkpoints are numbered and due by every rank's boundaries
-        self.boundaries_seen = trainer._rf_checkpoints.boundaries
+        trainer._rf_checkpoints.schedule.passed(others)  # checkpoints are numbered and due by every rank's boundaries
+        self.boundaries_seen = trainer._rf_checkpoints.schedule.boundaries
         for rank, payload in enumerate(gathered):
             for record in payload["runs"]:
                 self.owner[record["name"]] = rank
@@ -313,7 +303,7 @@ class Distributed:
         trainer = self.trainer
         plan: list[Any] = [None]
         if self.main:
-            due = trainer._rf_checkpoints.due(trainer._rf_setup.args.should_save, final)
+            due = trainer._rf_checkpoints.schedule.due(trainer._rf_setup.args.should_save, final)
             fetch = [
                 (run.name, self.owner[run.name])
                 for run in trainer.coordinator
@@ -324,27 +314,25 @@ class Distributed:
         due, fetch = plan[0]
         if not due:
             return
+        sent: dict[str, dict[str, bytes]] = {}  # rank 0: the files of the runs other ranks hold
         for name, owner in fetch:
             if self.rank == owner:
                 dist.send_object_list([self._files(trainer.coordinator[name])], dst=0, group=self.group)
             elif self.main:
                 received: list[Any] = [None]
                 dist.recv_object_list(received, src=owner, group=self.group)
-                self.remote[name] = received[0]
+                sent[name] = received[0]
         if self.main:
-            try:
-                with trainer._rf_ops.lock:
-                    trainer._checkpoint()
-            finally:
-                self.remote = {}
+            with trainer._rf_ops.lock:
+                trainer._rf_checkpoints.write(sent)
         else:
-            trainer._rf_checkpoints.written()
+            trainer._rf_checkpoints.schedule.written()
 
     def _files(self, run: Run) -> dict[str, bytes]:
         """The checkpoint module's files for `run` (this rank holds its state), as bytes."""
         folder = Path(tempfile.mkdtemp(prefix="rf-run-"))
         try:
-            self.trainer._write_run(run, folder)
+            self.trainer._rf_checkpoints.write_run(run, folder)
             return {path.name: path.read_bytes() for path in folder.iterdir()}
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -379,7 +367,7 @@ class Distributed:
             for name, data in files.items():
                 (folder / name).write_bytes(data)
             with local_view():
-                trainer._restore_run(run, {**run.record(), "activated": activated}, folder)
+                trainer._rf_checkpoints.restore_run(run, {**run.record(), "activated": activated}, folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         run.checkpoint_files, run.dirty = None, True

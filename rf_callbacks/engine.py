@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from transformers import ProgressCallback, TrainerControl, TrainerState
 from transformers.trainer_callback import ExportableState
 
 from .adapters import save_adapter
-from .checkpoint import RESUME_ENV, CheckpointMixin, Checkpoints
+from .checkpoint import RESUME_ENV, Checkpointer, Checkpoints
 from .chunks import DataPlan
 from .configs import RunSpec
 from .coordinator import Coordinator
@@ -95,7 +96,7 @@ class Setup:
         return Path(self.args.output_dir)
 
 
-class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, InteractiveMixin, RecordsMixin, FusedMixin):
+class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, RecordsMixin, FusedMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
     Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
@@ -151,7 +152,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             plan.check(spec.name)
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)
-        self._rf_checkpoints = Checkpoints.from_args(self._rf_setup.args, rf.checkpoint_every)
+        self._rf_checkpoints = Checkpointer(self, Checkpoints.from_args(self._rf_setup.args, rf.checkpoint_every))
         self._init_fused(rf.fused, rf.max_fused)
 
         # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
@@ -163,7 +164,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
             self._rf_setup.output_dir,
             self._claim_reporting(len(runs)),
             self._rf_setup.args.run_name,
-            deferred=self._rf_checkpoints.every is not None,  # trackers show what a resume keeps
+            deferred=self._rf_checkpoints.schedule.every is not None,  # trackers show what a resume keeps
             is_main=self._rf_dist is None or self._rf_dist.main,  # several processes: rank 0 writes
             info=self._experiment_info,
         )
@@ -374,9 +375,9 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
         if resume_from_checkpoint not in (None, False):
             if self._rf_records.started:
                 raise ValueError("resume_from_checkpoint needs a freshly built trainer (this one has trained already)")
-            self._rf_checkpoints.resume = self._resolve_checkpoint(resume_from_checkpoint)
+            self._rf_checkpoints.schedule.resume = self._rf_checkpoints.resolve(resume_from_checkpoint)
         idle = not self._rf_ops.pending and all(run.status not in ("pending", "running") for run in self.coordinator)
-        if self._rf_records.started and self._rf_checkpoints.resume is None and idle:
+        if self._rf_records.started and self._rf_checkpoints.schedule.resume is None and idle:
             logger.warning(
                 "train(): every run has ended (completed, stopped, failed or deleted), so there is nothing to train; "
                 "resume or clone a run first. Unlike SFTTrainer, a second train() does not start over."
@@ -390,6 +391,31 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, CheckpointMixin, Interact
                 if self._rf_ops.training:  # the loop never started (an error before it): apply what waited
                     self._rf_ops.training = False
                     self._apply_pending()
+
+    def close(self) -> None:
+        """Close the reporters' tracking runs and the ledger; call it when done with the trainer. After an interrupted
+        `train()` the reporters still hold what came after the last checkpoint: it is sent now (and the checkpoint
+        notes it, so a resume does not send it twice)."""
+        self._rf_checkpoints.reported(self._rf_records.send_held())
+        self._rf_records.close()
+
+    # Hooks of the checkpoint writer and reader (`checkpoint.Checkpointer`) for a trainer's own per-run state.
+    def _checkpoint_extra_state(self, run: Run, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The trainer subclass's own per-run state that a boundary does not reset: returned as JSON, plus tensors
+        added to `tensors` under keys starting with `extra.` (CPU copies; they go to `state.safetensors`)."""
+        attributes, extra = run.attributes, {}
+        if "_metrics" in attributes:
+            extra["_metrics"] = {split: dict(values) for split, values in attributes["_metrics"].items()}
+        if "_total_train_tokens" in attributes:
+            extra["_total_train_tokens"] = attributes["_total_train_tokens"]
+        return extra
+
+    def _load_extra_state(self, extra: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what `_checkpoint_extra_state` saved, into the trainer's attributes of the run being restored."""
+        if "_metrics" in extra:
+            self._metrics = {split: defaultdict(list, values) for split, values in extra["_metrics"].items()}
+        if "_total_train_tokens" in extra:
+            self._total_train_tokens = extra["_total_train_tokens"]
 
     # Per-step helpers of `Trainer` that walk every parameter of the model; with one adapter per run that walk grows
     # with the number of runs, so they are narrowed to the active run (same values: only its parameters have grads).

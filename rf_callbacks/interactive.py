@@ -138,7 +138,7 @@ class InteractiveMixin:
         if status not in VALID_FROM[op.kind]:
             raise OpError(f"cannot {op.kind} run {op.run!r}: it is {status}")
         if op.kind == "clone":
-            if self._rf_checkpoints.every is not None:
+            if self._rf_checkpoints.schedule.every is not None:
                 try:
                     json.dumps(op.overrides, allow_nan=False)
                 except (TypeError, ValueError) as error:

@@ -43,9 +43,10 @@ class RotationLoop:
     def _inner_training_loop(
         self, batch_size=None, args=None, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None
     ) -> TrainOutput:
-        if self._rf_checkpoints.resume is not None:
-            path, self._rf_checkpoints.resume = self._rf_checkpoints.resume, None
-            self._resume(path)
+        schedule = self._rf_checkpoints.schedule
+        if schedule.resume is not None:
+            path, schedule.resume = schedule.resume, None
+            self._rf_checkpoints.resume_from(path)
         else:
             self._rf_records.open()
         if self.model_wrapped is self.model and self._rf_dist is None:  # several processes: no DDP, see distributed.py
@@ -73,7 +74,7 @@ class RotationLoop:
                     break
                 self._apply_pending()
                 with self._rf_ops.lock:
-                    self._maybe_checkpoint()
+                    self._rf_checkpoints.maybe_write()
                 run = self.coordinator.next_run()
                 if run is None:
                     break
@@ -83,7 +84,7 @@ class RotationLoop:
                 else:
                     self._train_slice(run, trial, ignore_keys_for_eval)
             with self._rf_ops.lock:
-                self._maybe_checkpoint(final=True)
+                self._rf_checkpoints.maybe_write(final=True)
             self._rf_records.hold(False)
         except BaseException as error:  # with one run errors propagate as in TRL; the run still ends `failed`
             run = self.active_run
@@ -183,7 +184,7 @@ class RotationLoop:
         elif boundary:
             self._rf_records.write(run.name, self.state.global_step, run.current_chunk, "boundary")
         if finished or boundary:
-            self._rf_checkpoints.passed()
+            self._rf_checkpoints.schedule.passed()
             self._run_policies(run)
 
     def _snapshot(self, run: Run) -> None:

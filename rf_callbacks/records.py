@@ -215,7 +215,7 @@ class Records:
 
 
 class RecordsMixin:
-    """The trainer side of the records: the backends check, the claim on `report_to`, the log callback, `close()`."""
+    """The trainer side of the records: the backends check, the claim on `report_to`, the log callback."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         # Checked before the TRL trainer's `__init__` builds transformers' integration callbacks, whose error for a
@@ -245,10 +245,6 @@ class RecordsMixin:
                 )
                 self.callback_handler.remove_callback(integration)
         return claimed
-
-    def close(self) -> None:
-        """Close the reporters' tracking runs and the ledger; call it when done with the trainer."""
-        self._rf_records.close()
 
     def _experiment_info(self) -> dict[str, Any]:
         import peft

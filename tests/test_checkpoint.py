@@ -34,18 +34,18 @@ SCRIPT = textwrap.dedent(
     from peft import LoraConfig
     from transformers import set_seed
     from rf_callbacks import RFSFTTrainer
-    from rf_callbacks.checkpoint import CheckpointMixin
+    from rf_callbacks.checkpoint import Checkpointer
     from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets
     from rf_callbacks.policies import Explore
 
     if os.environ.get("KILL_IN_CHECKPOINT"):  # fault injection: die while the n-th run's files are being written
-        write_run, calls = CheckpointMixin._write_run, []
+        write_run, calls = Checkpointer.write_run, []
         def dying_write_run(self, run, folder):
             write_run(self, run, folder)
             calls.append(run.name)
             if len(calls) == int(os.environ["KILL_IN_CHECKPOINT"]):
                 os.kill(os.getpid(), signal.SIGKILL)
-        CheckpointMixin._write_run = dying_write_run
+        Checkpointer.write_run = dying_write_run
 
     out = sys.argv[1]
     tokenizer = build_tokenizer()

@@ -226,13 +226,18 @@ def test_the_package_has_no_import_cycles():
     assert not cycles, cycles
 
 
-def test_distributed_uses_the_trainer_only_through_its_documented_interface():
-    """`Distributed` reaches the trainer (`self.trainer` / `trainer`) only for the names the maintainer page lists."""
+@pytest.mark.parametrize(
+    ("module", "part", "first_use"),
+    [("distributed", "Distributed", "_train_slice"), ("checkpoint", "Checkpointer", "_activate")],
+)
+def test_a_part_holding_the_trainer_uses_it_only_through_its_documented_interface(module, part, first_use):
+    """`Distributed` and `Checkpointer` reach the trainer (`self.trainer` / `trainer`) only for the names the
+    maintainer page lists."""
     page = (ROOT / "docs" / "maintainers.md").read_text()
-    paragraph = page.split("`Distributed` holds the trainer and uses it only through this list")[1].split("\n\n")[0]
+    paragraph = page.split(f"`{part}` holds the trainer and uses it only through this list")[1].split("\n\n")[0]
     documented = set(re.findall(r"`(\w+)`", paragraph))
-    tree = ast.parse((ROOT / "rf_callbacks" / "distributed.py").read_text())
-    (cls,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Distributed"]
+    tree = ast.parse((ROOT / "rf_callbacks" / f"{module}.py").read_text())
+    (cls,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == part]
     used = set()
     for node in ast.walk(cls):
         if isinstance(node, ast.Attribute):
@@ -241,5 +246,5 @@ def test_distributed_uses_the_trainer_only_through_its_documented_interface():
                 isinstance(owner, ast.Attribute) and owner.attr == "trainer"
             ):
                 used.add(node.attr)
-    assert "_train_slice" in used  # the walk sees the calls
+    assert first_use in used  # the walk sees the calls
     assert used == documented, f"used, not listed: {sorted(used - documented)}; listed, unused: {documented - used}"
