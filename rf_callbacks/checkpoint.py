@@ -332,7 +332,9 @@ class Checkpointer:
             record = {**record, "kind": "clone", "run": record["parent"]}
         op = Op.from_record(record)
         op.spec = trainer._clone_spec(op)
-        trainer._add_clone(op, trainer.coordinator[op.run], start_slice=record["start_slice"], restoring=True)
+        trainer._rf_applier.add_clone(
+            op, trainer.coordinator[op.run], start_slice=record["start_slice"], restoring=True
+        )
 
     def restore_run(self, run: Run, record: dict[str, Any], folder: Path) -> None:
         """Load one run's files from `folder` into the run (and the trainer, while it is activated to load them)."""
@@ -344,7 +346,7 @@ class Checkpointer:
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if record["status"] == "deleted":
             if run.status != "deleted":
-                trainer._free_run(run)
+                trainer._rf_applier.free_run(run)
         else:
             params = dict(trainer.model.named_parameters())
             with torch.no_grad():

@@ -277,7 +277,7 @@ class Distributed:
                 for name, wall_time in times.items():
                     trainer.coordinator[name].wall_time = wall_time
             for op in pending:
-                trainer._apply_op(op)
+                trainer._rf_applier.apply(op)
                 if op.kind == "clone" and op.name in trainer.coordinator.runs:
                     # A warm start (or copied optimizer) comes from the parent's state, which one rank holds.
                     carried = op.warm_start or op.copy_optimizer

@@ -390,7 +390,7 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, Records
             with self._rf_ops.lock:
                 if self._rf_ops.training:  # the loop never started (an error before it): apply what waited
                     self._rf_ops.training = False
-                    self._apply_pending()
+                    self._rf_applier.apply_pending()
 
     def close(self) -> None:
         """Close the reporters' tracking runs and the ledger; call it when done with the trainer. After an interrupted

@@ -14,7 +14,7 @@ optimizer step; everything else at the next boundary. When no training loop is r
   (the child's learning rate and schedule stay its own).
 
 Automatic policies (`policies.py`) are asked what to do each time a run reaches a boundary (`_run_policies`) and
-answer with the same ops, validated, applied and recorded the same way.
+answer with the same ops, validated, applied (`applying.OpApplier`) and recorded the same way.
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ import json
 import logging
 from typing import Any
 
-import torch
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
-from transformers import set_seed
 
+from .applying import OpApplier
 from .configs import RunSpec, parse_configs
 from .ops import VALID_FROM, Op, OpError, OpQueue, merge_peft_overrides, parse_request
 from .policies import BoundaryView, RunView
@@ -45,6 +44,7 @@ class InteractiveMixin:
 
     def _init_control(self) -> None:
         self._rf_ops = OpQueue()
+        self._rf_applier = OpApplier(self)
 
     # ------------------------------------------------------------------------------------------------ public
     def stop(self, run: str, source: str = "python") -> str:
@@ -96,7 +96,7 @@ class InteractiveMixin:
                 if interrupts and active is not None and active.name == op.run:
                     self._rf_ops.interrupt = True
             else:
-                self._apply_op(op)
+                self._rf_applier.apply(op)
         return op.name if op.kind == "clone" else op.run
 
     def handle_request(self, request: Any) -> dict[str, Any]:
@@ -260,7 +260,7 @@ class InteractiveMixin:
             self._rf_dist.boundaries.append(run.name)
             return
         self._ask_policies(run)
-        self._apply_pending()
+        self._rf_applier.apply_pending()
 
     def _ask_policies(self, run: Run) -> None:
         """Submit the ops the policies issue now that `run` reached a boundary (applied by the caller)."""
@@ -280,100 +280,6 @@ class InteractiveMixin:
                 op.source = op.source if op.source != "python" else name
                 with contextlib.suppress(OpError):  # refused ops are in the ledger with the reason
                     self.submit_op(op)
-
-    # ------------------------------------------------------------------------------------------- applying
-    def _apply_pending(self) -> None:
-        with self._rf_ops.lock:
-            for op in self._rf_ops.take():
-                self._apply_op(op)
-
-    def _apply_op(self, op: Op) -> None:
-        run = self.coordinator[op.run]
-        if run.status not in VALID_FROM[op.kind]:  # its status changed since the op was accepted (e.g. completed)
-            self._rf_records.write(op.run, run.global_step, run.current_chunk, "op_skipped", **op.describe(),
-                                 reason=f"run is {run.status}")  # fmt: skip
-            return
-        self._rf_records.write(op.run, run.global_step, run.current_chunk, "op_applied", **op.describe())
-        if op.kind == "clone":
-            self._add_clone(op, run)
-            return
-        if op.kind == "fail":
-            self._fail(run, op.reason or f"failed by {op.source}", by=op.source)
-            return
-        if op.kind == "stop":
-            run.status = "stopped"
-        elif op.kind == "resume":
-            run.status = "running" if run.attributes else "pending"
-        else:
-            self._free_run(run)
-            run.status, run.dirty = "deleted", True
-        run.reason = op.reason if op.kind != "resume" else None
-        extra = {"reason": op.reason} if op.reason else {}
-        self._rf_records.status(run, by=op.source, **extra)
-
-    def _free_run(self, run: Run) -> None:
-        """A deleted run: its state, its weights at its last boundary and its adapter go."""
-        self._release(run)
-        run.boundary_weights, run.stream = None, None
-        if isinstance(self.model, PeftModel) and run.spec.adapter_name in self.model.peft_config:
-            self.model.delete_adapter(run.spec.adapter_name)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def _add_clone(self, op: Op, parent: Run, start_slice: int | None = None, restoring: bool = False) -> None:
-        """Add the child run of a clone op; `restoring` rebuilds one recorded in a checkpoint (its weights, optimizer
-        and events come from there)."""
-        spec: RunSpec = op.spec
-        key = self._prepare_data(spec.args)
-        start_slice = parent.next_slice if start_slice is None else start_slice
-        plan = self._data_plan(spec, key, start_slice=start_slice)
-        child = Run(spec=spec, plan=plan, data_key=key, next_slice=plan.start_slice)
-        child.clone = {**op.record(), "name": child.name, "start_slice": start_slice}  # the name as given or made
-        set_seed(spec.args.seed)
-        self._rf_mode = None  # its modules start in training mode, whatever the model's mode
-        try:
-            plan.check(child.name, chunks=False)  # e.g. a max_length override that truncates every example away
-        except ValueError as error:
-            child.error = str(error)
-        if child.error is None:
-            try:
-                self.model.add_adapter(spec.adapter_name, spec.peft_config)
-            except Exception as error:  # e.g. out of memory: the child fails, the experiment goes on
-                if spec.adapter_name in self.model.peft_config:
-                    self.model.delete_adapter(spec.adapter_name)
-                child.error = f"adapter could not be built: {type(error).__name__}: {error}"
-        if child.error is not None:
-            child.status = "failed"
-            self.coordinator.runs[child.name] = child
-            self._rf_records.status(child, parent=parent.name, error=child.error, by=op.source)
-            return
-        if restoring:
-            self.coordinator.runs[child.name] = child
-            return
-        if op.warm_start:
-            self._warm_start(parent, spec)
-        if op.copy_optimizer:
-            optimizer = parent.attributes.get("optimizer")
-            if optimizer is None and self.active_run is parent:
-                optimizer = self.optimizer
-            child.optimizer_init = copy.deepcopy(optimizer.state_dict()) if optimizer is not None else None
-        self.coordinator.runs[child.name] = child
-        child.reason = op.reason
-        extra = {"reason": op.reason} if op.reason else {}
-        self._rf_records.status(child, parent=parent.name, warm_start=op.warm_start, by=op.source, **extra)
-
-    def _warm_start(self, parent: Run, spec: RunSpec) -> None:
-        """Copy the parent's adapter as of its last boundary into the child's freshly added adapter."""
-        if parent.boundary_weights is None:  # never activated: its last boundary is its initial state
-            source = parent.spec.adapter_name
-            weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if f".{source}." in n}
-        else:
-            weights = parent.boundary_weights
-        params = dict(self.model.named_parameters())
-        old, new = f".{parent.spec.adapter_name}.", f".{spec.adapter_name}."
-        with torch.no_grad():
-            for name, value in weights.items():
-                params[name.replace(old, new)].copy_(value)
 
     def _load_parent_optimizer(self, run: Run) -> None:
         """`copy_optimizer`: the parent's moments, with the child's own hyper-parameters (lr, schedule) kept."""

@@ -72,7 +72,7 @@ class RotationLoop:
                 if self._rf_dist is not None:  # several processes: rounds coordinated by rank 0
                     self._rf_dist.train(trial, ignore_keys_for_eval)
                     break
-                self._apply_pending()
+                self._rf_applier.apply_pending()
                 with self._rf_ops.lock:
                     self._rf_checkpoints.maybe_write()
                 run = self.coordinator.next_run()
@@ -98,7 +98,7 @@ class RotationLoop:
                 server.stop()
             with self._rf_ops.lock:
                 self._rf_ops.training = False
-                self._apply_pending()
+                self._rf_applier.apply_pending()
             self._rf_progress.close()
             self._rf_records.sync()
             self._rf_records.write_info()  # the runs' final statuses

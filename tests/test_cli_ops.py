@@ -14,8 +14,8 @@ from peft import LoraConfig
 from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFSFTTrainer
+from rf_callbacks.applying import OpApplier
 from rf_callbacks.demo import build_tiny_model
-from rf_callbacks.interactive import InteractiveMixin
 from rf_callbacks.reporting import read_ledger
 
 
@@ -38,13 +38,13 @@ class FirstWeights(TrainerCallback):
 def test_cli_steers_a_live_training(tokenizer, chat_data, sft_args, tmp_path, monkeypatch):
     out = tmp_path / "out"
     used = {}
-    warm_start = InteractiveMixin._warm_start
+    warm_start = OpApplier._warm_start
 
     def record(self, parent, spec):
         used["parent"] = {k: v.clone() for k, v in parent.boundary_weights.items()}
         warm_start(self, parent, spec)
 
-    monkeypatch.setattr(InteractiveMixin, "_warm_start", record)
+    monkeypatch.setattr(OpApplier, "_warm_start", record)
     set_seed(2)
     trainer = RFSFTTrainer(
         model=build_tiny_model(tokenizer),

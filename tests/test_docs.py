@@ -228,11 +228,15 @@ def test_the_package_has_no_import_cycles():
 
 @pytest.mark.parametrize(
     ("module", "part", "first_use"),
-    [("distributed", "Distributed", "_train_slice"), ("checkpoint", "Checkpointer", "_activate")],
+    [
+        ("distributed", "Distributed", "_train_slice"),
+        ("checkpoint", "Checkpointer", "_activate"),
+        ("applying", "OpApplier", "_fail"),
+    ],
 )
 def test_a_part_holding_the_trainer_uses_it_only_through_its_documented_interface(module, part, first_use):
-    """`Distributed` and `Checkpointer` reach the trainer (`self.trainer` / `trainer`) only for the names the
-    maintainer page lists."""
+    """`Distributed`, `Checkpointer` and `OpApplier` reach the trainer (`self.trainer` / `trainer`) only for the
+    names the maintainer page lists."""
     page = (ROOT / "docs" / "maintainers.md").read_text()
     paragraph = page.split(f"`{part}` holds the trainer and uses it only through this list")[1].split("\n\n")[0]
     documented = set(re.findall(r"`(\w+)`", paragraph))
