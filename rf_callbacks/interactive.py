@@ -32,7 +32,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from .applying import OpApplier
 from .configs import RunSpec, parse_configs
 from .ops import VALID_FROM, Op, OpError, OpQueue, merge_peft_overrides, parse_request
-from .policies import BoundaryView, RunView
+from .policies import BoundaryView
 from .run import Run
 
 logger = logging.getLogger(__name__)
@@ -232,28 +232,6 @@ class InteractiveMixin:
         slices = run.next_slice + 1
         return self._rf_policies.evaluates_at(slices)
 
-    def _boundary_view(self, run: Run) -> BoundaryView:
-        views = {}
-        for index, each in enumerate(self.coordinator):
-            history = list(each.state.log_history) if each.state is not None else []
-            metrics = {k: v for entry in history for k, v in entry.items() if isinstance(v, (int, float))}
-            views[each.name] = RunView(
-                name=each.name,
-                status=each.status,
-                index=index,
-                slices=each.next_slice,
-                global_step=each.global_step,
-                max_steps=each.plan.max_steps,
-                metrics=metrics,
-                history=history,
-                args=each.args,
-                parent=each.spec.parent,
-            )
-        frontier = self.coordinator.frontier()
-        if frontier is None:  # no run is active: the last boundary any run reached
-            frontier = max(view.slices for view in views.values())
-        return BoundaryView(run=run.name, frontier=frontier, num_chunks=self._rf_setup.num_chunks, runs=views)
-
     def _run_policies(self, run: Run) -> None:
         """Ask each policy what to do now that `run` reached a boundary; apply its ops before the next slice."""
         if self._rf_dist is not None:  # several processes: rank 0 asks them at the round's end
@@ -267,7 +245,7 @@ class InteractiveMixin:
         for policy in self._rf_policies:
             name = type(policy).__name__
             try:
-                ops = policy.on_boundary(self._boundary_view(run))
+                ops = policy.on_boundary(BoundaryView.of(run.name, self.coordinator, self._rf_setup.num_chunks))
                 if not all(isinstance(op, Op) for op in ops or ()):
                     raise TypeError(f"on_boundary must return a list of Op, got {ops!r}")
             except Exception as error:  # a broken policy must not end the experiment

@@ -31,9 +31,12 @@ import math
 import random
 import statistics
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from .ops import Op
+
+if TYPE_CHECKING:
+    from .coordinator import Coordinator
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,30 @@ class BoundaryView:
     frontier: int
     num_chunks: int
     runs: dict[str, RunView]
+
+    @classmethod
+    def of(cls, run: str, runs: Coordinator, num_chunks: int) -> BoundaryView:
+        """The view of the experiment's runs when `run` has just reached a boundary."""
+        views = {}
+        for index, each in enumerate(runs):
+            history = list(each.state.log_history) if each.state is not None else []
+            metrics = {k: v for entry in history for k, v in entry.items() if isinstance(v, (int, float))}
+            views[each.name] = RunView(
+                name=each.name,
+                status=each.status,
+                index=index,
+                slices=each.next_slice,
+                global_step=each.global_step,
+                max_steps=each.plan.max_steps,
+                metrics=metrics,
+                history=history,
+                args=each.args,
+                parent=each.spec.parent,
+            )
+        frontier = runs.frontier()
+        if frontier is None:  # no run is active: the last boundary any run reached
+            frontier = max(view.slices for view in views.values())
+        return cls(run=run, frontier=frontier, num_chunks=num_chunks, runs=views)
 
     def active(self) -> list[RunView]:
         """The runs still in the rotation (`pending` or `running`), in creation order."""

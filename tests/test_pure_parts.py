@@ -17,6 +17,7 @@ from rf_callbacks.chunks import DataPlan, check_num_chunks, epoch_order
 from rf_callbacks.configs import RunSpec, parse_configs
 from rf_callbacks.coordinator import Coordinator
 from rf_callbacks.ops import Op, OpError, merge_peft_overrides, parse_request
+from rf_callbacks.policies import BoundaryView
 from rf_callbacks.run import RECORD_FIELDS, Run
 from rf_callbacks.trainers.sft import SFT_PER_RUN_FIELDS
 
@@ -142,6 +143,22 @@ def test_the_frontier_is_the_smallest_next_slice_of_the_active_runs(tmp_path):
     assert runs.frontier() == 1 and runs.frontier_runs() == [a, c]
     a.status = c.status = "stopped"
     assert runs.frontier() is None and runs.frontier_runs() == [] and runs.next_run() is None
+
+
+def test_the_boundary_view_shows_every_run_and_the_frontier(tmp_path):
+    a, b, c = _run("a", tmp_path, start_slice=1), _run("b", tmp_path), _run("c", tmp_path)
+    runs = Coordinator([a, b, c])
+    view = BoundaryView.of("a", runs, num_chunks=2)
+    assert (view.run, view.frontier, view.num_chunks) == ("a", 0, 2)
+    assert [(v.name, v.index, v.slices, v.metrics) for v in view.runs.values()] == [
+        ("a", 0, 1, {}),
+        ("b", 1, 0, {}),
+        ("c", 2, 0, {}),
+    ]
+    b.status, c.status = "deleted", "completed"
+    a.status, a.next_slice = "stopped", 2
+    view = BoundaryView.of("c", runs, num_chunks=2)
+    assert view.frontier == 2 and view.active() == []  # no run active: the last boundary any run reached
 
 
 def test_a_run_record_round_trips_every_record_field(tmp_path):
