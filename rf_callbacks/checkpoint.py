@@ -140,8 +140,12 @@ class Checkpointer:
     def __init__(self, trainer: Any, schedule: Checkpoints):
         self.trainer, self.schedule = trainer, schedule
 
+    def due(self, final: bool = False) -> bool:
+        """Whether a checkpoint is written now (`final`: training ended)."""
+        return self.schedule.due(self.trainer._rf_setup.args.should_save, final)
+
     def maybe_write(self, final: bool = False) -> None:
-        if self.schedule.due(self.trainer._rf_setup.args.should_save, final):
+        if self.due(final):
             self.write()
 
     def write(self, sent: dict[str, dict[str, bytes]] | None = None) -> Path:

@@ -303,7 +303,7 @@ class Distributed:
         trainer = self.trainer
         plan: list[Any] = [None]
         if self.main:
-            due = trainer._rf_checkpoints.schedule.due(trainer._rf_setup.args.should_save, final)
+            due = trainer._rf_checkpoints.due(final)
             fetch = [
                 (run.name, self.owner[run.name])
                 for run in trainer.coordinator

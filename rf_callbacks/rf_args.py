@@ -12,7 +12,7 @@ import inspect
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypedDict, TypeVar
+from typing import Any, TypedDict
 
 from .chunks import check_num_chunks
 
@@ -182,10 +182,7 @@ class RFOptions(TypedDict, total=False):
     parallel: str
 
 
-_Init = TypeVar("_Init", bound=Callable[..., None])
-
-
-def with_options(init: _Init) -> _Init:
+def with_options(init: Callable[..., None]) -> Callable[..., None]:
     """Give a trainer's `__init__(..., *, configs=None, **options)` the signature its callers see: `**options`
     spelled out as `RFArgs`'s fields, keyword-only, with their defaults."""
     signature = inspect.signature(init)
