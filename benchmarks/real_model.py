@@ -45,9 +45,9 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from rf_callbacks import RFSFTTrainer  # noqa: E402
 from rf_callbacks.demo import demo_datasets, tiny_model_and_tokenizer  # noqa: E402
+from rf_callbacks.ledger import read_ledger  # noqa: E402
 from rf_callbacks.policies import SuccessiveHalving  # noqa: E402
 from rf_callbacks.real_model import resolve_model  # noqa: E402
-from rf_callbacks.reporting import read_ledger  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

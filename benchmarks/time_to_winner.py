@@ -43,8 +43,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from rf_callbacks import RFSFTTrainer  # noqa: E402
 from rf_callbacks.demo import build_tiny_model, build_tokenizer, demo_datasets  # noqa: E402
+from rf_callbacks.ledger import read_ledger  # noqa: E402
 from rf_callbacks.policies import SuccessiveHalving  # noqa: E402
-from rf_callbacks.reporting import read_ledger  # noqa: E402
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()

@@ -26,8 +26,8 @@ from trl import DPOConfig
 
 from rf_callbacks import RFDPOTrainer
 from rf_callbacks.demo import tiny_model_and_tokenizer
+from rf_callbacks.ledger import format_leaderboard
 from rf_callbacks.preference import load_preferences
-from rf_callbacks.reporting import format_leaderboard
 
 
 def main() -> None:

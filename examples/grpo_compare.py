@@ -30,7 +30,7 @@ from trl import GRPOConfig
 
 from rf_callbacks import RFGRPOTrainer
 from rf_callbacks.demo import load_instructions, tiny_model_and_tokenizer
-from rf_callbacks.reporting import format_leaderboard
+from rf_callbacks.ledger import format_leaderboard
 
 NUMBER = re.compile(r"-?\d+")
 

@@ -31,9 +31,9 @@ from trl import SFTConfig
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import demo_datasets, tiny_model_and_tokenizer, to_chat
+from rf_callbacks.ledger import format_leaderboard
 from rf_callbacks.plotting import plot_ledger
 from rf_callbacks.real_model import resolve_model
-from rf_callbacks.reporting import format_leaderboard
 
 
 def load_user_dataset(name: str) -> tuple[Dataset, Dataset]:

@@ -37,9 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerState
 
+from .ledger import write_json_atomic
 from .oom import halve_micro_batch
 from .ops import Op, OpError
-from .reporting import write_json_atomic
 from .run import TRAINER_SCALARS, Run
 
 FORMAT = 1

@@ -48,8 +48,8 @@ def plot(args: argparse.Namespace) -> int:
 
 
 def results(args: argparse.Namespace) -> int:
+    from .ledger import format_leaderboard, results_from_dir
     from .plotting import ledger_key
-    from .reporting import format_leaderboard, results_from_dir
 
     _ledger(args.dir)
     metric = ledger_key(args.metric)

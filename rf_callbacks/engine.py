@@ -30,13 +30,13 @@ from .coordinator import Coordinator
 from .distributed import Distributed, DistributedMixin, resolve_parallel
 from .fused import FusedMixin
 from .interactive import InteractiveMixin
+from .ledger import LogEventsCallback
 from .loop import RotationLoop
 from .oom import init_oom_retry
-from .parking import offload_optimizer, optimizer_bytes, reload_optimizer, seeded_rng, should_offload
+from .parking import load_moments, offload_optimizer, optimizer_bytes, reload_optimizer, seeded_rng, should_offload
 from .policy_set import PolicySet
 from .progress import RunsProgressCallback
 from .records import Records, RecordsMixin
-from .reporting import LogEventsCallback
 from .rf_args import RFArgs
 from .run import TRAINER_SCALARS, Run
 from .streams import is_stream
@@ -334,8 +334,9 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, Records
         self.create_optimizer()
         self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
         self.create_scheduler(num_training_steps=run.plan.max_steps, optimizer=self.optimizer)
-        if run.optimizer_init is not None:
-            self._load_parent_optimizer(run)
+        if run.optimizer_init is not None:  # a clone with `copy_optimizer=True`: the parent's moments
+            load_moments(self.optimizer, run.optimizer_init)
+            run.optimizer_init = None
         self.control = TrainerControl()
         stateful = [cb for cb in self.callback_handler.callbacks + [self.control] if isinstance(cb, ExportableState)]
         self.state = TrainerState(stateful_callbacks=stateful)

@@ -282,7 +282,7 @@ class Experiment:
             torch.cuda.empty_cache()
 
     def _write_runs(self) -> None:
-        from .reporting import write_json_atomic
+        from .ledger import write_json_atomic
 
         write_json_atomic(
             self.path / "runs.json", {"experiment_name": self.experiment_name, "runs": list(self._runs.values())}
@@ -294,7 +294,7 @@ class Experiment:
         every value logged at that step (`loss`, `learning_rate`, `eval_loss`, `eval_<metric>`, `chunk`, ...)."""
         import pandas as pd
 
-        from .reporting import read_ledger
+        from .ledger import read_ledger
 
         ids = {record["run_name"]: run_id for run_id, record in self._runs.items()}
         rows: dict[tuple[int, int], dict[str, Any]] = {}

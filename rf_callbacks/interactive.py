@@ -13,13 +13,12 @@ optimizer step; everything else at the next boundary. When no training loop is r
   and target modules required); `copy_optimizer=True` also copies the parent's optimizer moments as of its latest step
   (the child's learning rate and schedule stay its own).
 
-Automatic policies (`policies.py`) are asked what to do each time a run reaches a boundary (`_run_policies`) and
-answer with the same ops, validated, applied (`applying.OpApplier`) and recorded the same way.
+Automatic policies (`policies.py`) are asked what to do each time a run reaches a boundary (`_run_policies`, through
+`PolicySet.ask`) and answer with the same ops, validated, applied (`applying.OpApplier`) and recorded the same way.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -223,15 +222,6 @@ class InteractiveMixin:
         return spec
 
     # ------------------------------------------------------------------------------------------ policies
-    def _wants_eval(self, run: Run, finished: bool) -> bool:
-        """Whether `run` is evaluated at the boundary it just reached (after slice `run.next_slice`)."""
-        if self._evaluated_at_current_step():
-            return False
-        if finished or self._rf_setup.boundary_eval:
-            return True
-        slices = run.next_slice + 1
-        return self._rf_policies.evaluates_at(slices)
-
     def _run_policies(self, run: Run) -> None:
         """Ask each policy what to do now that `run` reached a boundary; apply its ops before the next slice."""
         if self._rf_dist is not None:  # several processes: rank 0 asks them at the round's end
@@ -242,30 +232,13 @@ class InteractiveMixin:
 
     def _ask_policies(self, run: Run) -> None:
         """Submit the ops the policies issue now that `run` reached a boundary (applied by the caller)."""
-        for policy in self._rf_policies:
-            name = type(policy).__name__
-            try:
-                ops = policy.on_boundary(BoundaryView.of(run.name, self.coordinator, self._rf_setup.num_chunks))
-                if not all(isinstance(op, Op) for op in ops or ()):
-                    raise TypeError(f"on_boundary must return a list of Op, got {ops!r}")
-            except Exception as error:  # a broken policy must not end the experiment
-                logger.exception("policy %s failed and is disabled", name)
-                self._rf_policies.disable(policy)
-                self._rf_records.write(run.name, run.global_step, run.current_chunk, "policy_error", policy=name,
-                                     error=f"{type(error).__name__}: {error}")  # fmt: skip
-                continue
-            for op in ops or ():
-                op.source = op.source if op.source != "python" else name
-                with contextlib.suppress(OpError):  # refused ops are in the ledger with the reason
-                    self.submit_op(op)
 
-    def _load_parent_optimizer(self, run: Run) -> None:
-        """`copy_optimizer`: the parent's moments, with the child's own hyper-parameters (lr, schedule) kept."""
-        own = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(run.optimizer_init)
-        for group, settings in zip(self.optimizer.param_groups, own):
-            group.update(settings)
-        run.optimizer_init = None
+        def failed(policy: str, error: Exception) -> None:
+            self._rf_records.write(run.name, run.global_step, run.current_chunk, "policy_error", policy=policy,
+                                   error=f"{type(error).__name__}: {error}")  # fmt: skip
+
+        view = BoundaryView.of(run.name, self.coordinator, self._rf_setup.num_chunks)
+        self._rf_policies.ask(view, self.submit_op, failed)
 
 
 def _adapter_shape(config) -> dict[str, Any]:

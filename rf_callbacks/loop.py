@@ -319,6 +319,15 @@ class RotationLoop:
     def _shuffle(self) -> bool:
         return self._rf_setup.args.train_sampling_strategy != "sequential"
 
+    def _wants_eval(self, run: Run, finished: bool) -> bool:
+        """Whether `run` is evaluated at the boundary it just reached (after slice `run.next_slice`)."""
+        if self._evaluated_at_current_step():
+            return False
+        if finished or self._rf_setup.boundary_eval:
+            return True
+        slices = run.next_slice + 1
+        return self._rf_policies.evaluates_at(slices)
+
     def _evaluated_at_current_step(self) -> bool:
         """Whether an evaluation (of any eval set: `eval_runtime`, `eval_<name>_runtime`) was logged at this step."""
         evals = (

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
+from .ledger import write_run_json
 from .parking import capture_rng
-from .reporting import write_run_json
 
 if TYPE_CHECKING:
     from .run import Run

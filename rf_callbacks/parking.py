@@ -68,6 +68,15 @@ def reload_optimizer(optimizer: torch.optim.Optimizer, device: torch.device) -> 
                 state[key] = value.to(device, non_blocking=True)
 
 
+def load_moments(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load another optimizer's `state_dict()` (a clone's `copy_optimizer`: the parent's moments) into `optimizer`,
+    keeping `optimizer`'s own hyper-parameters (learning rate, betas, weight decay: the child's schedule)."""
+    own = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, own):
+        group.update(settings)
+
+
 def should_offload(setting: bool | str, optimizer_bytes: int) -> bool:
     """`True`: park in pinned host memory; `False`: keep on the device; `"auto"`: keep it on the device while that
     leaves at least 10% of the GPU free (`torch.cuda.mem_get_info`). Always `False` on CPU-only torch."""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .reporting import iter_ledger
+from .ledger import iter_ledger
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,9 +1,12 @@
 """`PolicySet`: the automatic policies given to one experiment, which of them are still enabled, and their memory.
 
-The trainer asks the enabled policies at each boundary (`interactive.py`); a policy that raises is disabled for
-the rest of the experiment. What a checkpoint keeps and what rank 0 sends the other ranks is `state_dict()`: the
-positions of the enabled policies in the list as given, and each given policy's memory (successive halving's rung),
-so a resumed experiment or another rank pairs every state with the policy it came from, also after one was disabled.
+At each boundary the trainer calls `ask(view, submit, failed)`: every enabled policy sees the view and its ops are
+submitted (validated and queued like the user's); a policy that raises, or returns anything but a list of `Op`, is
+disabled for the rest of the experiment and reported through `failed`.
+
+What a checkpoint keeps and what rank 0 sends the other ranks is `state_dict()`: the positions of the enabled
+policies in the list as given, and each given policy's memory (successive halving's rung), so a resumed experiment or
+another rank pairs every state with the policy it came from, also after one was disabled.
 
 Usage:
 
@@ -11,6 +14,7 @@ Usage:
 policies = PolicySet.check([SuccessiveHalving(eta=2)], trainer)
 if policies.evaluates_at(slices=2):
     ...
+policies.ask(BoundaryView.of("run-1", trainer.coordinator, num_chunks=4), trainer.submit_op, on_policy_error)
 state = policies.state_dict()  # JSON-serialisable
 PolicySet.check([SuccessiveHalving(eta=2)], trainer).load_state_dict(state)
 ```
@@ -18,12 +22,14 @@ PolicySet.check([SuccessiveHalving(eta=2)], trainer).load_state_dict(state)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from .policies import Policy
+from .ops import Op, OpError
+from .policies import BoundaryView, Policy
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +92,27 @@ class PolicySet:
 
     def disable(self, policy: Policy) -> None:
         self.enabled = [i for i in self.enabled if self.given[i] is not policy]
+
+    def ask(self, view: BoundaryView, submit: Callable[[Op], Any], failed: Callable[[str, Exception], None]) -> None:
+        """Show `view` to every enabled policy and `submit` the ops it returns, each with the policy's class name as
+        its `source` (unless the policy set one). A refused op is left to the ledger (`submit` records the reason);
+        a policy that raises or returns anything but a list of `Op` is disabled and passed to `failed(name, error)`:
+        a broken policy must not end the experiment."""
+        for policy in self:
+            name = type(policy).__name__
+            try:
+                ops = policy.on_boundary(view) or []
+                if not all(isinstance(op, Op) for op in ops):
+                    raise TypeError(f"on_boundary must return a list of Op, got {ops!r}")
+            except Exception as error:
+                logger.exception("policy %s failed and is disabled", name)
+                self.disable(policy)
+                failed(name, error)
+                continue
+            for op in ops:
+                op.source = op.source if op.source != "python" else name
+                with contextlib.suppress(OpError):
+                    submit(op)
 
     def names(self) -> set[str]:
         """The class names of every given policy: the `by` of the ops they issue."""

@@ -36,7 +36,6 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -65,88 +64,6 @@ class Reporter(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class Deferred:
-    """Holds a reporter's calls until `flush()`, which the trainer calls as it writes each checkpoint: a tracker
-    then shows exactly what a resumed experiment keeps (the steps after the last checkpoint are logged once, after
-    the resume, not twice).
-
-    Calls still held when the trainer is closed after an interrupted `train()` (an exception, Ctrl-C) are sent
-    then (`send()`), and the trainer records how many `log` calls of each run went out after the checkpoint
-    (`reported()`, next to it); a resume from that checkpoint drops that many of each run's first `log` calls
-    (`skip`), so the backend gets each step once either way.
-
-    Args:
-        reporter ([`Reporter`]): The backend's reporter.
-    """
-
-    def __init__(self, reporter: Reporter):
-        self.reporter = reporter
-        self.calls: list[tuple[str, Any, tuple]] = []
-        self.hold = False  # outside `train()` calls go through at once
-        self.sent: dict[str, int] = {}  # per run: held `log` calls sent since the last checkpoint (or skipped)
-        self.skip: dict[str, int] = {}  # per run: `log` calls to drop, sent by an interrupted run of the experiment
-
-    def _call(self, method: str, run: Run, *args: Any) -> None:
-        if method == "log" and self.skip.get(run.name):
-            self.skip[run.name] -= 1
-            self.sent[run.name] = self.sent.get(run.name, 0) + 1
-        elif self.hold:
-            self.calls.append((method, self._frozen(run), args))
-        else:
-            getattr(self.reporter, method)(run, *args)
-
-    @staticmethod
-    def _frozen(run: Run) -> SimpleNamespace:  # the run as it is now, not as it will be at the flush
-        return SimpleNamespace(
-            name=run.name, status=run.status, error=run.error, reason=run.reason, spec=run.spec,
-            global_step=run.global_step,
-        )  # fmt: skip
-
-    def start(self, run: Run) -> None:
-        self._call("start", run)
-
-    def log(self, run: Run, step: int, chunk: int, values: dict[str, Any]) -> None:
-        self._call("log", run, step, chunk, dict(values))
-
-    def finish(self, run: Run) -> None:
-        self._call("finish", run)
-
-    def send(self) -> None:
-        """Send the held calls now, between checkpoints (counted in `sent`)."""
-        calls, self.calls = self.calls, []
-        for method, run, args in calls:
-            getattr(self.reporter, method)(run, *args)
-            if method == "log":
-                self.sent[run.name] = self.sent.get(run.name, 0) + 1
-
-    def reported(self) -> dict[str, int]:
-        """Per run, the `log` calls the backend has got since the last checkpoint (sent, or skipped because an
-        earlier process had sent them)."""
-        names = set(self.sent) | set(self.skip)
-        counts = {name: self.sent.get(name, 0) + self.skip.get(name, 0) for name in sorted(names)}
-        return {name: count for name, count in counts.items() if count}
-
-    def flush(self) -> None:
-        """Send the held calls: a checkpoint is being written, and it keeps everything sent so far."""
-        calls, self.calls = self.calls, []
-        for method, run, args in calls:
-            getattr(self.reporter, method)(run, *args)
-        self.sent.clear()
-        self.skip.clear()
-        self.reporter.flush()
-
-    def close(self) -> None:
-        self.send()
-        self.reporter.flush()
-        self.reporter.close()
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.reporter.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.reporter.load_state_dict(state)
 
 
 def hf_metric_names(values: dict[str, Any]) -> dict[str, float]:
@@ -488,18 +405,14 @@ def check_backends(names: Sequence[str]) -> None:
             )
 
 
-def make_reporters(
-    names: Sequence[str], output_dir: str | os.PathLike, run_name: str | None, deferred: bool = False
-) -> list[Reporter]:
+def make_reporters(names: Sequence[str], output_dir: str | os.PathLike, run_name: str | None) -> list[Reporter]:
     """One reporter per backend in `names` that rf-callbacks drives per run (`REPORTERS`); other names are ignored.
 
     Args:
         names (`Sequence[str]`): `report_to` names, as in `TrainingArguments.report_to`.
         output_dir (`str` or `os.PathLike`): The experiment's output folder (default home of the local stores).
         run_name (`str`, *optional*): `args.run_name`, the experiment's name when set.
-        deferred (`bool`, *optional*, defaults to `False`): Wrap each in [`Deferred`] (when checkpoints are on).
     """
     names = [name for name in names if name in REPORTERS]
     check_backends(names)
-    reporters = [REPORTERS[name].from_env(output_dir, run_name) for name in names]
-    return [Deferred(reporter) for reporter in reporters] if deferred else reporters
+    return [REPORTERS[name].from_env(output_dir, run_name) for name in names]

@@ -22,7 +22,7 @@ from transformers import set_seed
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.checkpoint import latest_checkpoint
 from rf_callbacks.demo import build_tiny_model
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 TESTS = Path(__file__).parent
 

@@ -15,8 +15,8 @@ from transformers import set_seed
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
+from rf_callbacks.ledger import read_ledger
 from rf_callbacks.plotting import ledger_figure
-from rf_callbacks.reporting import read_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from transformers import TrainerCallback, set_seed
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.applying import OpApplier
 from rf_callbacks.demo import build_tiny_model
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

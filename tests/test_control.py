@@ -18,7 +18,7 @@ from transformers import set_seed
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.control.client import NoTraining, request
 from rf_callbacks.demo import build_tiny_model
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 
 def live_trainer(tokenizer, chat_data, sft_args, out, max_steps=400):

@@ -32,8 +32,8 @@ from rf_callbacks.control.client import NoTraining, request
 from rf_callbacks.dashboard import Dashboard
 from rf_callbacks.dashboard.server import _finite
 from rf_callbacks.demo import build_tiny_model
+from rf_callbacks.ledger import read_ledger
 from rf_callbacks.ops import OpError
-from rf_callbacks.reporting import read_ledger
 
 REPO = Path(__file__).resolve().parents[1]
 # Debian's `chromium` and `chromium-driver` (.ci/install-browser.sh installs them); never a downloaded browser.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
+import subprocess
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -32,12 +33,12 @@ def test_bundled_data_loads():
     assert (DATA_DIR / "instructions.jsonl").stat().st_size < 150_000
 
 
-def test_generator_rewrites_bundled_file_byte_identically(tmp_path):
-    spec = importlib.util.spec_from_file_location("make_instructions", DATA_DIR / "make_instructions.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.main(["make_instructions.py", str(tmp_path / "out.jsonl")])
-    assert (tmp_path / "out.jsonl").read_bytes() == (DATA_DIR / "instructions.jsonl").read_bytes()
+@pytest.mark.parametrize("name", ["instructions", "preferences"])
+def test_generator_rewrites_bundled_file_byte_identically(tmp_path, name):
+    """Each generator, run as the script it is (`python make_<name>.py out.jsonl`), rewrites its bundled file."""
+    script = DATA_DIR / f"make_{name}.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "out.jsonl")], check=True, cwd=tmp_path)
+    assert (tmp_path / "out.jsonl").read_bytes() == (DATA_DIR / f"{name}.jsonl").read_bytes()
 
 
 def test_to_chat_and_split():

@@ -13,7 +13,7 @@ from peft import PeftModel
 from rf_callbacks import Experiment
 from rf_callbacks.automl import List, RFGridSearch, RFLoraConfig, RFModelConfig, RFSFTConfig
 from rf_callbacks.demo import build_tiny_model, build_tokenizer, load_instructions
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 LORA = {"target_modules": ["q_proj", "v_proj"]}
 

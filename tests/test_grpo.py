@@ -249,7 +249,7 @@ def test_interrupted_grpo_experiment_resumes_bit_for_bit(make_model, tokenizer, 
     from transformers import TrainerCallback
 
     from rf_callbacks.checkpoint import latest_checkpoint
-    from rf_callbacks.reporting import read_ledger
+    from rf_callbacks.ledger import read_ledger
 
     def args(out):
         return grpo_config(out, save_strategy="steps", save_steps=10000)

@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 HERE = Path(__file__).parent
 ACCELERATE = Path(sys.executable).with_name("accelerate")

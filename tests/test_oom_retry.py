@@ -15,7 +15,7 @@ from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFGRPOTrainer, RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 CONFIGS = [
     {"name": "a", "peft_config": LoraConfig(r=4, target_modules=["q_proj"])},

@@ -15,8 +15,8 @@ from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
+from rf_callbacks.ledger import read_ledger
 from rf_callbacks.ops import OpError
-from rf_callbacks.reporting import read_ledger
 
 
 def configs():

@@ -12,6 +12,7 @@ from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
+from rf_callbacks.ledger import read_ledger
 from rf_callbacks.ops import Op
 from rf_callbacks.policies import (
     BoundaryView,
@@ -23,7 +24,6 @@ from rf_callbacks.policies import (
     RunView,
     SuccessiveHalving,
 )
-from rf_callbacks.reporting import read_ledger
 
 
 def view(values, frontier, *, run=None, status=None, metric="eval_loss", history=None, lr=1e-3):

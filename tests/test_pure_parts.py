@@ -1,5 +1,6 @@
 """Fast unit tests of the engine's pure parts, without a model: the data plan and epoch order (`chunks.py`), the
-coordinator's chunk-major order (`coordinator.py`), config parsing (`configs.py`) and op parsing (`ops.py`)."""
+coordinator's chunk-major order (`coordinator.py`), config parsing (`configs.py`), op parsing (`ops.py`), the policies'
+view and set (`policies.py`, `policy_set.py`) and a clone's optimizer moments (`parking.py`)."""
 
 from __future__ import annotations
 
@@ -313,3 +314,51 @@ def test_a_policy_set_keeps_each_state_with_its_policy_after_one_is_disabled():
     old = PolicySet([SuccessiveHalving(eta=2)])  # a checkpoint's list of states from before the enabled positions
     old.load_state_dict([{"rung": 1, "done": False}])
     assert list(old)[0].rung == 1
+
+
+def test_a_policy_set_submits_each_policys_ops_and_disables_a_broken_policy():
+    from rf_callbacks.policy_set import PolicySet
+
+    class Stopper:
+        def on_boundary(self, view):
+            return [Op("stop", view.run), Op("delete", "b", source="mine")]
+
+    class Broken:
+        def on_boundary(self, view):
+            return ["not an op"]
+
+    class Refused:
+        def on_boundary(self, view):
+            return [Op("resume", view.run)]
+
+    view = BoundaryView(run="a", frontier=1, num_chunks=2, runs={})
+    submitted, failures = [], []
+
+    def submit(op):
+        if op.kind == "resume":
+            raise OpError("run 'a' is not stopped")  # a refused op is the ledger's, not the policy's failure
+        submitted.append((op.kind, op.run, op.source))
+
+    policies = PolicySet([Stopper(), Broken(), Refused()])
+    policies.ask(view, submit, lambda name, error: failures.append((name, type(error).__name__)))
+    assert submitted == [("stop", "a", "Stopper"), ("delete", "b", "mine")]
+    assert failures == [("Broken", "TypeError")]
+    assert [type(p).__name__ for p in policies] == ["Stopper", "Refused"]
+    policies.ask(view, submit, lambda name, error: failures.append(name))
+    assert len(submitted) == 4 and failures == [("Broken", "TypeError")]  # the broken policy is asked no more
+
+
+def test_a_clones_optimizer_takes_the_parents_moments_and_keeps_its_own_hyper_parameters():
+    from rf_callbacks.parking import load_moments
+
+    parent_weight, child_weight = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    parent = torch.optim.AdamW([parent_weight], lr=1e-2, betas=(0.8, 0.9), weight_decay=0.1)
+    parent_weight.grad = torch.tensor([1.0, -2.0, 3.0])
+    parent.step()
+    child = torch.optim.AdamW([child_weight], lr=5e-4, betas=(0.9, 0.99), weight_decay=0.0)
+    load_moments(child, parent.state_dict())
+    moments = child.state[child_weight]
+    assert torch.equal(moments["exp_avg"], parent.state[parent_weight]["exp_avg"])
+    assert torch.equal(moments["exp_avg_sq"], parent.state[parent_weight]["exp_avg_sq"])
+    group = child.param_groups[0]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (5e-4, (0.9, 0.99), 0.0)

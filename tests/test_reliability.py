@@ -22,8 +22,8 @@ from transformers import TrainerCallback
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.control.client import request
 from rf_callbacks.demo import build_tiny_model
+from rf_callbacks.ledger import read_ledger
 from rf_callbacks.ops import OpError
-from rf_callbacks.reporting import read_ledger
 
 
 def test_request_flood_and_ops_on_deleted_runs(tokenizer, chat_data, sft_args, tmp_path):

@@ -14,7 +14,7 @@ from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 
 def test_mlflow_gets_one_run_per_config(tokenizer, chat_data, sft_args, tmp_path, monkeypatch):

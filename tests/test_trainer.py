@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
 
 from rf_callbacks import RFSFTTrainer
 from rf_callbacks.demo import build_tiny_model
-from rf_callbacks.reporting import read_ledger
+from rf_callbacks.ledger import read_ledger
 
 CONFIGS = [
     {"name": "a", "peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])},

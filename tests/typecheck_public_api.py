@@ -17,10 +17,10 @@ from rf_callbacks import Experiment, RFDPOTrainer, RFGRPOTrainer, RFSFTTrainer
 from rf_callbacks.automl import List, Range, RFGridSearch, RFLoraConfig, RFModelConfig, RFRandomSearch, RFSFTConfig
 from rf_callbacks.dashboard import Dashboard
 from rf_callbacks.demo import demo_datasets, tiny_model_and_tokenizer
+from rf_callbacks.ledger import format_leaderboard, read_ledger, results_from_dir
 from rf_callbacks.ops import Op
 from rf_callbacks.plotting import plot_ledger
 from rf_callbacks.policies import DivergenceGuard, Explore, MedianStopping, SuccessiveHalving
-from rf_callbacks.reporting import format_leaderboard, read_ledger, results_from_dir
 
 
 def sft_script() -> str:

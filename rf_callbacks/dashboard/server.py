@@ -37,8 +37,8 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from ..control.client import NoTraining, request
+from ..ledger import read_ledger, results_from_dir
 from ..ops import MAX_REQUEST_BYTES, OP_KINDS, OpError, parse_request
-from ..reporting import read_ledger, results_from_dir
 
 logger = logging.getLogger(__name__)
 

@@ -360,12 +360,15 @@ def generate(rows_per_task: int = ROWS_PER_TASK, seed: int = 0) -> list[dict[str
     return rows
 
 
-def main(argv: list[str]) -> None:
-    output = Path(argv[1]) if len(argv) > 1 else OUTPUT
-    rows = generate()
+def write_jsonl(rows: list[dict[str, str]], output: Path) -> None:
+    """Write `rows` as JSON lines, byte-identically on every platform (UTF-8, `\\n` line ends)."""
     with open(output, "w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     print(f"wrote {len(rows)} rows ({output.stat().st_size} bytes) to {output}")
+
+
+def main(argv: list[str]) -> None:
+    write_jsonl(generate(), Path(argv[1]) if len(argv) > 1 else OUTPUT)
 
 
 if __name__ == "__main__":

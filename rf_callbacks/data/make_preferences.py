@@ -16,6 +16,11 @@ import re
 import sys
 from pathlib import Path
 
+if __package__:
+    from .make_instructions import write_jsonl
+else:  # run as a script: `python make_preferences.py`
+    from make_instructions import write_jsonl
+
 SOURCE = Path(__file__).with_name("instructions.jsonl")
 OUTPUT = Path(__file__).with_name("preferences.jsonl")
 FILLERS = ["purple", "seven", "river", "Tuesday", "quickly", "giraffe", "empty", "twelve", "north", "paper"]
@@ -63,11 +68,7 @@ def generate(seed: int = 0) -> list[dict[str, str]]:
 
 
 def main(argv: list[str]) -> None:
-    output = Path(argv[1]) if len(argv) > 1 else OUTPUT
-    rows = generate()
-    with open(output, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    print(f"wrote {len(rows)} rows ({output.stat().st_size} bytes) to {output}")
+    write_jsonl(generate(), Path(argv[1]) if len(argv) > 1 else OUTPUT)
 
 
 if __name__ == "__main__":

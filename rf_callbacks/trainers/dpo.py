@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig
 from transformers import PreTrainedModel, TrainingArguments
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -24,7 +23,7 @@ from .builder import (
     named_datasets,
     runs_on_one_model,
 )
-from .reference import no_ref_adapter_copy, refuse_ref_name
+from .reference import reference_context, refuse_ref_name
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -154,14 +153,9 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         )
         if ref_model is not None:
             ref_model = load_model(ref_model, args, quantization_config)
-        guard = contextlib.nullcontext()
-        # A PeftModel the user built is referenced as TRL references it (a frozen copy of its adapter); runs' fresh
-        # adapters on a plain model are referenced by the shared base, adapters disabled.
-        if isinstance(model, PeftModel) and not user_peft and ref_model is None:
-            guard = no_ref_adapter_copy(model)
         self._rf_raw = {"train": train_dataset, "eval": eval_dataset}
         self._rf_user_collator = data_collator is not None
-        with guard:
+        with reference_context(model, user_peft, ref_model):
             super().__init__(
                 model=model,
                 ref_model=ref_model,

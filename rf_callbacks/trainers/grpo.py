@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,7 @@ from .builder import (
     runs_on_one_model,
 )
 from .grpo_checks import GRPO_PROCESS_WIDE_REASONS, validate_grpo_specs
-from .reference import no_ref_adapter_copy, refuse_ref_name
+from .reference import reference_context, refuse_ref_name
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack from Python 3.11
@@ -249,7 +248,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             validate_grpo_specs(specs, num_rewards, evaluates=eval_dataset is not None)
             refuse_ref_name(specs)
 
-        specs, model, user_peft = runs_on_one_model(  # a user-built PeftModel: referenced as TRL does (RFDPOTrainer)
+        specs, model, user_peft = runs_on_one_model(
             model,
             args,
             run_configs if run_configs is not None else configs,
@@ -263,10 +262,7 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
             run_args=template,
             train_required="`train_dataset` is required unless an `environment_factory` is provided.",
         )
-        guard = contextlib.nullcontext()
-        if isinstance(model, PeftModel) and not user_peft:
-            guard = no_ref_adapter_copy(model)
-        with guard:
+        with reference_context(model, user_peft):
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,

@@ -4,15 +4,28 @@ TRL's `DPOTrainer` and `GRPOTrainer`, handed a `PeftModel` and no `ref_model`, c
 a frozen "ref" adapter and use it as the reference. Every run here starts from a fresh LoRA (B = 0), whose model
 equals the base, so the reference is the base with adapters disabled, computed once for all runs:
 `no_ref_adapter_copy` keeps TRL from adding that copy (which would also fail: run adapters are named after the runs,
-not "default").
+not "default"). A `PeftModel` the user built, or a given `ref_model`, is referenced as TRL references it
+(`reference_context`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
+
+from peft import PeftModel
 
 from ..configs import RunSpec
+
+
+def reference_context(model, user_peft: bool, ref_model=None) -> AbstractContextManager:
+    """The context the TRL parent is built in: `no_ref_adapter_copy` for runs' fresh adapters on a plain model with no
+    `ref_model`; nothing for a `PeftModel` the user built (TRL's own frozen copy of its adapter) or a given
+    `ref_model`."""
+    if isinstance(model, PeftModel) and not user_peft and ref_model is None:
+        return no_ref_adapter_copy(model)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Reporting: the append-only ledger, each run's `run.json`, and the callback that feeds them.
+"""The ledger: the append-only `ledger.jsonl`, each run's `run.json`, the leaderboard and the callback that feeds them.
 
 `<output_dir>/ledger.jsonl` gets one JSON object per line for every log event and every status change, written as
 it happens (so the file shows the real order in which runs trained) and flushed at once (so it survives a crash).
