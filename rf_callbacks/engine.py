@@ -4,7 +4,8 @@ The mixin sits in front of a TRL trainer class (`class RFSFTTrainer(MultiConfigM
 runs once the trainer exists (`_build_runs`: the one setup sequence every trainer shares), swaps a run's parked
 state into the trainer's own attributes (`_activate` / `_park`), and narrows `Trainer`'s per-step helpers to the
 active run. The loop itself, which replaces `Trainer._inner_training_loop`, is `loop.py`; the other parts (ops,
-checkpoints, records, fused groups, several processes) are the bases it composes. The trainer is built once and the
+checkpoints, records, fused groups, several processes) are objects it holds, each using the trainer through the
+interface docs/maintainers.md lists. The trainer is built once and the
 base model is loaded once; a swap changes the active PEFT adapter and a few pointers.
 """
 
@@ -28,12 +29,21 @@ from .chunks import DataPlan
 from .configs import RunSpec
 from .coordinator import Coordinator
 from .distributed import Distributed, DistributedMixin, resolve_parallel
-from .fused import FusedMixin
+from .fused import FusedRounds
 from .interactive import InteractiveMixin
 from .ledger import LogEventsCallback
 from .loop import RotationLoop
 from .oom import init_oom_retry
-from .parking import load_moments, offload_optimizer, optimizer_bytes, reload_optimizer, seeded_rng, should_offload
+from .parking import (
+    capture_rng,
+    load_moments,
+    offload_optimizer,
+    optimizer_bytes,
+    reload_optimizer,
+    restore_rng,
+    seeded_rng,
+    should_offload,
+)
 from .policy_set import PolicySet
 from .progress import RunsProgressCallback
 from .records import Records, RecordsMixin
@@ -96,7 +106,7 @@ class Setup:
         return Path(self.args.output_dir)
 
 
-class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, RecordsMixin, FusedMixin):
+class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, RecordsMixin):
     """Trains every run of `configs` on the trainer's one model, rotating runs at chunk boundaries.
 
     Subclasses put it before a TRL trainer in the bases, attach the runs' adapters to the model before
@@ -111,16 +121,15 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, Records
     def _build_runs(self, specs: list[RunSpec], rf: RFArgs, shared_args: Any = None) -> None:
         """Create the runs, their data plans and the coordinator, once the trainer exists.
 
-        The one setup sequence of every RF trainer, in this order: (1) fused mode's checks on the built trainer;
-        (2) the processes, policies and the options the loop reads; (3) each run's prepared data and data plan, then
-        `num_chunks="auto"`; (4) the runs and the coordinator; (5) the parts that need the runs: checkpoints, fused
-        groups, the progress bar, the records, the control queue; (6) several processes' own checks; (7) the
+        The one setup sequence of every RF trainer, in this order: (1) fused groups, whose checks need the built
+        trainer; (2) the processes, policies and the options the loop reads; (3) each run's prepared data and data
+        plan, then `num_chunks="auto"`; (4) the runs and the coordinator; (5) the parts that need the runs:
+        checkpoints, the progress bar, the records, the control queue; (6) several processes' own checks; (7) the
         out-of-memory retry, which needs the data plans.
 
         `shared_args` are the arguments clones are built from when they are not the trainer's own (GRPO's, with its
         batch-derived fields unset)."""
-        if rf.fused:
-            self._check_fused(rf.max_fused)
+        self._rf_fused = FusedRounds(self, rf.fused, rf.max_fused)  # checks what fused mode cannot serve
         mode = resolve_parallel(rf.parallel, self.args.world_size, len(specs))  # several processes: see distributed.py
         self._rf_dist = Distributed(self, mode) if mode is not None else None
         self._rf_policies = PolicySet.check(rf.policies, self)
@@ -153,7 +162,6 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, Records
             runs.append(Run(spec=spec, plan=plan, data_key=key))
         self.coordinator = Coordinator(runs)
         self._rf_checkpoints = Checkpointer(self, Checkpoints.from_args(self._rf_setup.args, rf.checkpoint_every))
-        self._init_fused(rf.fused, rf.max_fused)
 
         # One bar over all runs replaces transformers' per-`train()` bar; the ledger sees every log of every run.
         self.callback_handler.remove_callback(ProgressCallback)
@@ -325,6 +333,21 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, Records
         for name in self.run_attributes:
             run.attributes[name] = getattr(self, name)
 
+    def _enter(self, run: Run, rng: bool = True) -> None:
+        """Swap `run`'s attributes (and with `rng`, its generators) in, keeping the model's adapters as they are: a
+        member of a fused group, whose adapters all stay trainable (`fused.py`)."""
+        for name in self.run_attributes:
+            setattr(self, name, run.attributes[name])
+        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
+        self._rf_active = run
+        if rng:
+            restore_rng(run.rng)
+
+    def _leave(self, run: Run) -> None:
+        """Undo `_enter`: `run`'s attributes and generators' states back into `run`."""
+        self._sync_attributes(run)
+        run.rng = capture_rng()
+
     def _init_run_state(self, run: Run) -> None:
         """Build a run's optimizer, scheduler and `TrainerState` as `Trainer._inner_training_loop` would."""
         self.args = run.args
@@ -432,6 +455,24 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, Records
         if run is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._clip_grad_norm(model)
         return self.accelerator.clip_grad_norm_(run.trainable, self.args.max_grad_norm)
+
+    def evaluate(self, *args, **kwargs):
+        """`Trainer.evaluate` with the current run's adapter alone, also when called mid-group (`eval_steps`)."""
+        members = self._rf_fused.members
+        if not members:
+            return super().evaluate(*args, **kwargs)
+        self.model.set_adapter(self.active_run.spec.adapter_name)
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            for run in members:
+                for param in run.trainable:
+                    param.requires_grad_(True)
+
+    def _fused_model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of a fused group's one forward, from its concatenated micro-batches (SFT: as they
+        are; DPO adds its labels)."""
+        return inputs
 
     def floating_point_ops(self, inputs: dict[str, Any]) -> int:
         """`Trainer`'s estimate (6 x tokens x parameters), counting the base and the active run's adapter only."""

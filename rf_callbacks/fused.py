@@ -99,101 +99,109 @@ class _Rows:
 Request = tuple[dict[str, Any], Any, Any]  # (inputs, num_items_in_batch, sync_context) from `_train_steps`
 
 
-class FusedMixin:
-    """Trains groups of runs with one forward and one backward per micro-batch round (see the module docstring)."""
+class FusedRounds:
+    """Trains groups of runs with one forward and one backward per micro-batch round (see the module docstring).
 
-    def _init_fused(self, fused: bool, max_fused: int | str) -> None:
-        self._rf_fused = fused
-        self._rf_max_fused = max_fused
-        self._rf_group: list[Run] = []
-        self._rf_fusable: dict[str, bool] = {}  # by adapter name
-        self._rf_model_index: tuple = (None, [], [], frozenset())
-        self._rf_row_bytes = 0.0  # peak device memory per batch row of a fused round (CUDA), for max_fused="auto"
-        self._rf_counted_length = 0  # CPU: the longest padded round whose saved bytes were counted
+    It uses the trainer only through the interface `docs/maintainers.md` lists (a test holds it to the code).
 
-    def _check_fused(self, max_fused: int | str) -> None:
+    Args:
+        trainer (`MultiConfigMixin`): the trainer whose runs it groups.
+        fused (`bool`): `fused=` as given; when `False`, every group is one run.
+        max_fused (`int` or `"auto"`): the most runs in one group; `"auto"`: as many as the free memory holds.
+    """
+
+    def __init__(self, trainer: Any, fused: bool, max_fused: int | str):
+        self.trainer, self.fused, self.max_fused = trainer, fused, max_fused
+        self.members: list[Run] = []  # the group training now (`evaluate` reads it)
+        self._fusable: dict[str, bool] = {}  # by adapter name
+        self._model_index: tuple = (None, [], [], frozenset())
+        self.row_bytes = 0.0  # peak device memory per batch row of a fused round (CUDA), for max_fused="auto"
+        self._counted_length = 0  # CPU: the longest padded round whose saved bytes were counted
+        if fused:
+            self._check()
+
+    def _check(self) -> None:
         """Refuse, before training, what the fused forward cannot serve (it relies on TRL's fused LM head and on
         each micro-batch's rows being separate sequences)."""
+        max_fused, trainer = self.max_fused, self.trainer
         if max_fused != "auto" and (isinstance(max_fused, bool) or not isinstance(max_fused, int) or max_fused < 1):
             raise ValueError(f"max_fused={max_fused!r} is invalid; use an int >= 1 or 'auto'")
         refused = {
-            "compute_loss_func": self.compute_loss_func is not None,
-            "label_smoothing_factor": self.label_smoother is not None,
-            "padding_free": self.args.padding_free,
-            "use_liger_kernel": self.args.use_liger_kernel,
-            "router aux loss (output_router_logits)": self.aux_loss_enabled,
-            "several processes": self.args.world_size > 1,
-            "a vision data set": self._is_vision_dataset,
+            "compute_loss_func": trainer.compute_loss_func is not None,
+            "label_smoothing_factor": trainer.label_smoother is not None,
+            "padding_free": trainer.args.padding_free,
+            "use_liger_kernel": trainer.args.use_liger_kernel,
+            "router aux loss (output_router_logits)": trainer.aux_loss_enabled,
+            "several processes": trainer.args.world_size > 1,
+            "a vision data set": trainer._is_vision_dataset,
         }
         for name, used in refused.items():
             if used:
                 raise ValueError(f"fused=True cannot be combined with {name}; use fused=False (rotation)")
 
     # --------------------------------------------------------------------------------------------- grouping
-    def _fused_group(self, run: Run) -> list[Run]:
+    def group_of(self, run: Run) -> list[Run]:
         """`run` and the next active runs at its slice that can share its forward, up to the group limit."""
-        if not self._rf_fused or not self._fusable(run):
+        if not self.fused or not self.fusable(run):
             return [run]
-        peers = [r for r in self.coordinator.active() if r.next_slice == run.next_slice and self._fusable(r)]
+        peers = [r for r in self.trainer.coordinator.active() if r.next_slice == run.next_slice and self.fusable(r)]
         return peers[: self._group_limit(peers)]
 
-    def _fusable(self, run: Run) -> bool:
+    def fusable(self, run: Run) -> bool:
         """Vanilla LoRA on linear layers only (no DoRA or other variant, no embedding or saved modules)."""
-        adapter = run.spec.adapter_name
-        if adapter not in self._rf_fusable:
+        adapter, model = run.spec.adapter_name, self.trainer.model
+        if adapter not in self._fusable:
             config = run.spec.peft_config
-            fusable = isinstance(self.model, PeftModel) and isinstance(config, LoraConfig)
+            fusable = isinstance(model, PeftModel) and isinstance(config, LoraConfig)
             fusable = fusable and not (config.modules_to_save or config.trainable_token_indices or config.use_dora)
-            layers = (m for m in self.model.modules() if isinstance(m, BaseTunerLayer))
-            self._rf_fusable[adapter] = fusable and all(
+            layers = (m for m in model.modules() if isinstance(m, BaseTunerLayer))
+            self._fusable[adapter] = fusable and all(
                 isinstance(m, LoraLinear) and adapter not in m.lora_variant
                 for m in layers
                 if adapter in m._get_available_adapters()
             )
-        return self._rf_fusable[adapter]
+        return self._fusable[adapter]
 
     def _group_limit(self, peers: list[Run]) -> int:
         """`max_fused`, or with "auto": as many runs as the free memory holds, from the memory per batch row measured
         in earlier rounds (4 until measured; 8 where the free memory is unknown)."""
-        if self._rf_max_fused != "auto":
-            return self._rf_max_fused
-        if not self._rf_row_bytes:
+        if self.max_fused != "auto":
+            return self.max_fused
+        if not self.row_bytes:
             return 4
-        free = _free_memory(self.args.device)
+        free = _free_memory(self.trainer.args.device)
         if free is None:
             return 8
         rows = max(run.plan.batch_size for run in peers)
-        return max(1, int(0.8 * free / (self._rf_row_bytes * rows)))
+        return max(1, int(0.8 * free / (self.row_bytes * rows)))
 
-    def _model_index(self) -> tuple[list[LoraLinear], list[str], frozenset[int]]:
+    def _layers(self) -> tuple[list[LoraLinear], list[str], frozenset[int]]:
         """The LoRA layers, their names and the parameters' storage addresses, re-read only when adapters are added or
         deleted."""
-        key = tuple(self.model.peft_config)
-        if self._rf_model_index[0] != key:
-            named = [(name, m) for name, m in self.model.named_modules() if isinstance(m, LoraLinear)]
-            storages = frozenset(param.untyped_storage().data_ptr() for param in self.model.parameters())
-            self._rf_model_index = (key, [m for _, m in named], [name for name, _ in named], storages)
-        return self._rf_model_index[1:]
-
-    def _fused_model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The keyword arguments of the group's one forward, from the concatenated micro-batches (SFT: as they are)."""
-        return inputs
+        model = self.trainer.model
+        key = tuple(model.peft_config)
+        if self._model_index[0] != key:
+            named = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLinear)]
+            storages = frozenset(param.untyped_storage().data_ptr() for param in model.parameters())
+            self._model_index = (key, [m for _, m in named], [name for name, _ in named], storages)
+        return self._model_index[1:]
 
     # ---------------------------------------------------------------------------------------------- training
-    def _train_group(self, group: list[Run], trial, ignore_keys_for_eval) -> None:
+    def train(self, group: list[Run], trial, ignore_keys_for_eval) -> None:
         """Train one slice of every run in `group` together, then close each slice as rotation would."""
+        trainer = self.trainer
         steps: dict[str, Generator] = {}  # by run name (runs are dataclasses, not hashable)
         for run in group:
-            _, steps[run.name] = self._begin_slice(run, trial, ignore_keys_for_eval)
+            _, steps[run.name] = trainer._begin_slice(run, trial, ignore_keys_for_eval)
         for run in group:
             if run.offloaded:  # parked while the next member was activated
-                reload_optimizer(run.attributes["optimizer"], self.args.device)
+                reload_optimizer(run.attributes["optimizer"], trainer.args.device)
                 run.offloaded = False
             for param in run.trainable:
                 param.requires_grad_(True)
-        self._sync_attributes(self.active_run)
-        self.active_run.rng = capture_rng()
-        self._rf_group = group
+        trainer._sync_attributes(trainer.active_run)
+        trainer.active_run.rng = capture_rng()
+        self.members = group
         began = time.time()
         requests: dict[str, Request] = {}
         outcomes: dict[str, tuple[bool, bool] | Exception] = {}
@@ -203,7 +211,7 @@ class FusedMixin:
                 for run in group:
                     if run.name not in steps:
                         continue
-                    self._enter(run)
+                    trainer._enter(run)
                     try:
                         loss = losses.pop(run.name, None)
                         if loss is None:
@@ -217,39 +225,24 @@ class FusedMixin:
                     except Exception as error:
                         outcomes[run.name] = error
                     finally:
-                        self._leave(run)
+                        trainer._leave(run)
                     if run.name in outcomes:
                         del steps[run.name]
                 if requests:
-                    losses = self._fused_round(
-                        [(run, requests.pop(run.name)) for run in group if run.name in requests]
-                    )
+                    losses = self._round([(run, requests.pop(run.name)) for run in group if run.name in requests])
         finally:
-            self._rf_group = []
+            self.members = []
         elapsed = time.time() - began
-        self._rf_active = None  # every member is parked; `_end_slice` activates each in turn
+        trainer._park(trainer.active_run)  # every member's state is in its run; `_end_slice` activates each in turn
         for run in group:
             outcome = outcomes[run.name]
             if isinstance(outcome, Exception):
-                self._activate(run)
-                self._slice_failed(run, outcome)
+                trainer._activate(run)
+                trainer._slice_failed(run, outcome)
             else:
-                self._end_slice(run, *outcome, time.time() - elapsed, ignore_keys_for_eval)
+                trainer._end_slice(run, *outcome, time.time() - elapsed, ignore_keys_for_eval)
 
-    def _enter(self, run: Run, rng: bool = True) -> None:
-        """Swap `run`'s attributes (and with `rng`, its generators) in, keeping the group's adapters as they are."""
-        for name in self.run_attributes:
-            setattr(self, name, run.attributes[name])
-        self.callback_handler.optimizer, self.callback_handler.lr_scheduler = self.optimizer, self.lr_scheduler
-        self._rf_active = run
-        if rng:
-            restore_rng(run.rng)
-
-    def _leave(self, run: Run) -> None:
-        self._sync_attributes(run)
-        run.rng = capture_rng()
-
-    def _fused_round(self, requests: list[tuple[Run, Request]]) -> dict[str, torch.Tensor | Exception]:
+    def _round(self, requests: list[tuple[Run, Request]]) -> dict[str, torch.Tensor | Exception]:
         """One forward and one backward for every run's micro-batch; if it raises, each run's micro-batch is retried
         alone so that only a run whose own batch fails gets the error."""
         try:
@@ -267,13 +260,16 @@ class FusedMixin:
             return results
 
     def _forward_backward(self, requests: list[tuple[Run, Request]]) -> dict[str, torch.Tensor]:
+        trainer = self.trainer
         batches = []
         for run, (inputs, _, _) in requests:
-            self._enter(run, rng=False)  # moving tensors draws no random numbers (and the forward's come from `first`)
-            batches.append(self._prepare_inputs(inputs))
+            trainer._enter(
+                run, rng=False
+            )  # moving tensors draws no random numbers (and the forward's come from `first`)
+            batches.append(trainer._prepare_inputs(inputs))
         inputs, rows, lengths = concat_batches(batches)
         segments = [(run.spec.adapter_name, r) for (run, _), r in zip(requests, rows)]
-        model = self.model_wrapped
+        model = trainer.model_wrapped
         first = requests[0][0]
         restore_rng(first.rng)  # dropout masks come from the group's first run's generator
         cuda = inputs["input_ids"].is_cuda
@@ -283,31 +279,33 @@ class FusedMixin:
         # Without a device allocator's peak, count the bytes autograd keeps for the backward: only for "auto" and only
         # in a round longer than any counted so far (the bytes per row grow with the padded length; a hook call per
         # saved tensor in every round cost ~4% of a small model's round).
-        layers, names, parameter_storages = self._model_index()
+        layers, names, parameter_storages = self._layers()
         longest = inputs["input_ids"].shape[1]
         saved = None
-        if not cuda and len(requests) > 1 and self._rf_max_fused == "auto" and longest > self._rf_counted_length:
+        if not cuda and len(requests) > 1 and self.max_fused == "auto" and longest > self._counted_length:
             saved = _SavedBytes(parameter_storages)
-        with mixed_adapters(layers, segments, names), self.maybe_activation_offload_context:
+        with mixed_adapters(layers, segments, names), trainer.maybe_activation_offload_context:
             model.train()
-            with self.compute_loss_context_manager(), saved or contextlib.nullcontext():
-                outputs = model(**self._fused_model_inputs(inputs), use_cache=False, fused_lm_head=True)
+            with trainer.compute_loss_context_manager(), saved or contextlib.nullcontext():
+                outputs = model(**trainer._fused_model_inputs(inputs), use_cache=False, fused_lm_head=True)
             first.rng = capture_rng()
             losses, total = {}, None
             for (run, (_, num_items_in_batch, _)), batch, r, length in zip(requests, batches, rows, lengths):
-                self._enter(run)
-                if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                    self.optimizer.train()
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(_Rows(outputs, r, length), batch, num_items_in_batch=num_items_in_batch)
-                if self.args.n_gpu > 1:
+                trainer._enter(run)
+                if hasattr(trainer.optimizer, "train") and callable(trainer.optimizer.train):
+                    trainer.optimizer.train()
+                with trainer.compute_loss_context_manager():
+                    loss = trainer.compute_loss(
+                        _Rows(outputs, r, length), batch, num_items_in_batch=num_items_in_batch
+                    )
+                if trainer.args.n_gpu > 1:
                     loss = loss.mean()
-                scaled = self.loss_is_scaled_for_ga
+                scaled = trainer.loss_is_scaled_for_ga
                 if scaled is None:
-                    scaled = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                    scaled = trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
                 if not scaled:
-                    loss = loss / self.current_gradient_accumulation_steps
-                self._leave(run)
+                    loss = loss / trainer.current_gradient_accumulation_steps
+                trainer._leave(run)
                 losses[run.name] = loss
                 if math.isfinite(loss.item()):  # a non-finite loss stays out of the backward; its run fails
                     total = loss if total is None else total + loss
@@ -316,24 +314,12 @@ class FusedMixin:
                     param.requires_grad_(True)
             restore_rng(first.rng)
             if total is not None:
-                self.accelerator.backward(total)
+                trainer.accelerator.backward(total)
             first.rng = capture_rng()
         rows_total = inputs["input_ids"].shape[0]
         if cuda:
-            self._rf_row_bytes = max(self._rf_row_bytes, (torch.cuda.max_memory_allocated() - before) / rows_total)
+            self.row_bytes = max(self.row_bytes, (torch.cuda.max_memory_allocated() - before) / rows_total)
         elif saved is not None:  # doubled: the backward holds activations' gradients next to what is left of them
-            self._rf_row_bytes = max(self._rf_row_bytes, 2 * saved.bytes / rows_total)
-            self._rf_counted_length = longest
+            self.row_bytes = max(self.row_bytes, 2 * saved.bytes / rows_total)
+            self._counted_length = longest
         return {name: loss.detach() for name, loss in losses.items()}
-
-    def evaluate(self, *args, **kwargs):
-        """`Trainer.evaluate` with the current run's adapter alone, also when called mid-group (`eval_steps`)."""
-        if not self._rf_group:
-            return super().evaluate(*args, **kwargs)
-        self.model.set_adapter(self.active_run.spec.adapter_name)
-        try:
-            return super().evaluate(*args, **kwargs)
-        finally:
-            for run in self._rf_group:
-                for param in run.trainable:
-                    param.requires_grad_(True)

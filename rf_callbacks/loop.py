@@ -78,9 +78,9 @@ class RotationLoop:
                 run = self.coordinator.next_run()
                 if run is None:
                     break
-                group = self._fused_group(run)
+                group = self._rf_fused.group_of(run)
                 if len(group) > 1:
-                    self._train_group(group, trial, ignore_keys_for_eval)
+                    self._rf_fused.train(group, trial, ignore_keys_for_eval)
                 else:
                     self._train_slice(run, trial, ignore_keys_for_eval)
             with self._rf_ops.lock:

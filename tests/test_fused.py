@@ -250,11 +250,11 @@ def test_auto_group_size_follows_free_memory(tokenizer, chat_data, sft_args, tmp
 
     trainer = trainer_with(tokenizer, chat_data, sft_args, tmp_path, None, eval_set=False, fused=True)
     rows = 8  # per-run batch of `trainer_with`
-    monkeypatch.setattr(
-        fused, "_free_memory", lambda device: 2.5 * trainer._rf_row_bytes * rows / 0.8 if trainer._rf_row_bytes else 0
-    )
+    groups = trainer._rf_fused
+    memory = lambda device: 2.5 * groups.row_bytes * rows / 0.8 if groups.row_bytes else 0  # noqa: E731
+    monkeypatch.setattr(fused, "_free_memory", memory)
     trainer.train()
-    assert trainer._rf_row_bytes > 1000  # bytes of saved activations per row, counted in the first group's rounds
+    assert groups.row_bytes > 1000  # bytes of saved activations per row, counted in the first group's rounds
     ledger = [json.loads(line) for line in (tmp_path / "ledger.jsonl").read_text().splitlines()]
     logs = {chunk: [e["run"] for e in ledger if "loss" in e and e["chunk"] == chunk] for chunk in range(4)}
     assert logs[0] == ["lr0", "lr1", "lr2", "lr3"] * 3  # 3 steps per chunk, one group of four

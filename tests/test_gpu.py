@@ -63,7 +63,7 @@ def test_fused_on_cuda_matches_rotation_with_offloaded_optimizers(tokenizer, cha
         trainer.train()
         assert [row["status"] for row in trainer.results()] == ["completed"] * 3
         if fused:
-            assert trainer._rf_row_bytes > 0
+            assert trainer._rf_fused.row_bytes > 0
         weights[fused] = {name: get_peft_model_state_dict(trainer.model, adapter_name=name) for name in "abc"}
     for name in "abc":
         diff = max((weights[True][name][k] - weights[False][name][k]).abs().max().item() for k in weights[True][name])
