@@ -142,12 +142,12 @@ class FusedRounds:
     # --------------------------------------------------------------------------------------------- grouping
     def group_of(self, run: Run) -> list[Run]:
         """`run` and the next active runs at its slice that can share its forward, up to the group limit."""
-        if not self.fused or not self.fusable(run):
+        if not self.fused or not self._can_fuse(run):
             return [run]
-        peers = [r for r in self.trainer.coordinator.active() if r.next_slice == run.next_slice and self.fusable(r)]
+        peers = [r for r in self.trainer.coordinator.active() if r.next_slice == run.next_slice and self._can_fuse(r)]
         return peers[: self._group_limit(peers)]
 
-    def fusable(self, run: Run) -> bool:
+    def _can_fuse(self, run: Run) -> bool:
         """Vanilla LoRA on linear layers only (no DoRA or other variant, no embedding or saved modules)."""
         adapter, model = run.spec.adapter_name, self.trainer.model
         if adapter not in self._fusable:
