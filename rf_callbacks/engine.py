@@ -298,14 +298,10 @@ class MultiConfigMixin(RotationLoop, DistributedMixin, InteractiveMixin, Records
                 adapters = sum(p.numel() for n, p in self.model.named_parameters() if "lora_" in n)
                 self._rf_base_parameters = self.model.num_parameters(exclude_embeddings=True) - adapters
             run.num_parameters = self._rf_base_parameters + sum(p.numel() for p in run.trainable)
-        for name in self.run_attributes:
-            setattr(self, name, run.attributes[name])
         if run.offloaded:
-            reload_optimizer(self.optimizer, self.args.device)
+            reload_optimizer(run.attributes["optimizer"], run.attributes["args"].device)
             run.offloaded = False
-        for name in ("optimizer", "lr_scheduler"):
-            setattr(self.callback_handler, name, getattr(self, name))
-        self._rf_active = run
+        self._enter(run, rng=False)  # its generators are swapped in when its slice begins
 
     def _park(self, run: Run) -> None:
         self._sync_attributes(run)
