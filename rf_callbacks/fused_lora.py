@@ -180,10 +180,16 @@ class _StackedLoRA(torch.autograd.Function):
         delta = torch.bmm(hidden, bt_scaled)  # [K, m, out]
         ctx.save_for_backward(segments, hidden, a_stack, bt_scaled)
         ctx.present, ctx.scales, ctx.ranks, ctx.shape = present, scales, ranks, x.shape
+        ctx.autocast = _autocast_state(x.device.type)
         return delta.reshape(*x.shape[:-1], bt_scaled.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(*ctx.autocast):
+            return _StackedLoRA._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         segments, hidden, a_stack, bt_scaled = ctx.saved_tensors
         grad = grad.reshape(len(ctx.present), -1, bt_scaled.shape[-1])
         grad_hidden = torch.bmm(grad, bt_scaled.transpose(1, 2))  # [K, m, r]
@@ -195,6 +201,12 @@ class _StackedLoRA(torch.autograd.Function):
         for k, rank in zip(index, ctx.ranks):
             weight_grads += [grad_a[k, :rank], grad_b[k, :, :rank]]
         return (grad_x, None, None, *weight_grads)
+
+
+def _autocast_state(device_type: str) -> tuple[str, torch.dtype, bool]:
+    """The forward's autocast state, for a hand-written backward to run its products in the same dtypes as the
+    forward's (autograd runs a backward outside autocast: `bf16=True` would meet bf16 gradients with fp32 weights)."""
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
 
 
 @functools.lru_cache(maxsize=256)

@@ -173,8 +173,11 @@ def test_mixed_forward_equals_each_adapter_alone(make_model, sizes, dropout, mod
         alone[adapter] = model(input_ids=ids[rows]).logits
         alone[adapter].square().mean().backward()
         alone_grads.update({n: g for n, g in grads().items() if f".{adapter}." in n})
-    assert torch.allclose(mixed[x_rows], alone["x"], atol=1e-5)
-    assert torch.allclose(mixed[y_rows], alone["y"], atol=1e-5)
+    # The siblings' concatenated base products sum in another order: on an AVX-512 CPU the logits (~3 in size) of
+    # this model differ by up to 2e-5 after its layers; 1e-5 is the bound everywhere else.
+    for adapter, rows in (("x", x_rows), ("y", y_rows)):
+        diff = (mixed[rows] - alone[adapter]).abs().max().item()
+        assert diff <= (1e-4 if mode == "siblings" else 1e-5), (adapter, diff)
     assert mixed_grads.keys() == alone_grads.keys()
     assert any(".x." in name for name in mixed_grads) and any(".y." in name for name in mixed_grads)
     atol = 1e-5 if mode == "siblings" else 1e-6  # the siblings' concatenated base products sum in another order
@@ -321,3 +324,21 @@ def test_fused_refusals(make_model, tokenizer, chat_data, sft_args):
         RFSFTTrainer(model=make_model(), args=sft_args(), fused=True, compute_loss_func=lambda *a, **k: 0, **kwargs)
     with pytest.raises(ValueError, match="fused=True cannot be combined with padding_free"):
         RFSFTTrainer(model=make_model(), args=sft_args(padding_free=True, max_length=None), fused=True, **kwargs)
+
+
+@pytest.mark.parametrize("configs", [FOUR_RUNS, EQUAL_BATCHES], ids=["looped", "stacked"])
+def test_fused_bf16_autocast_trains_like_rotation(make_model, tokenizer, chat_data, sft_args, tmp_path, configs):
+    """`bf16=True` (CPU autocast): the fused round's hand-written backward runs in the forward's autocast state."""
+    runs = {}
+    for fused in (False, True):
+        args = sft_args(output_dir=tmp_path / str(fused), bf16=True, max_steps=4)
+        trainer = train(make_model, tokenizer, chat_data, args, fused=fused, configs=configs)
+        rows = {row["name"]: row for row in trainer.results()}
+        assert all(row["status"] == "completed" for row in rows.values()), rows
+        runs[fused] = trainer
+    for run in "abcd":
+        diff = max_abs_diff(adapter_weights(runs[False].model, run), adapter_weights(runs[True].model, run))
+        print(f"{run}: max abs diff fused vs rotation under bf16 {diff:.2e}")
+        assert diff < 5e-3, (run, diff)  # bf16 products: summation order moves the last bits of 8-bit mantissas
+        weights = adapter_weights(runs[True].model, run)
+        assert max(w.abs().max().item() for k, w in weights.items() if "lora_B" in k) > 1e-3  # it trained
