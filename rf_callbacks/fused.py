@@ -27,6 +27,7 @@ from collections.abc import Generator
 from typing import Any
 
 import torch
+import trl.trainer.utils as trl_utils
 from peft import LoraConfig, PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -68,6 +69,20 @@ def _free_memory(device: torch.device) -> int | None:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+@contextlib.contextmanager
+def _labelled_positions_only():
+    """TRL's fused LM head scores only the positions with a label where Triton runs, and every position elsewhere
+    (fixed tile shapes for compiled backends such as Neuron). On a CPU nothing is compiled, and a fused round's batch
+    is padded to its longest run and carries every prompt token, so score only the labelled positions there too: the
+    same per-position values (the unlabelled ones are zeros either way), without the head's work on the rest."""
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or original(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
 
 
 class _Rows:
@@ -286,7 +301,7 @@ class FusedRounds:
             saved = _SavedBytes(parameter_storages)
         with mixed_adapters(layers, segments, names), trainer.maybe_activation_offload_context:
             model.train()
-            with trainer.compute_loss_context_manager(), saved or contextlib.nullcontext():
+            with trainer.compute_loss_context_manager(), saved or contextlib.nullcontext(), _labelled_positions_only():
                 outputs = model(**trainer._fused_model_inputs(inputs), use_cache=False, fused_lm_head=True)
             first.rng = capture_rng()
             losses, total = {}, None

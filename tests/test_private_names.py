@@ -40,6 +40,7 @@ UPSTREAM = (
     "trl.SFTConfig",
     "trl.DPOConfig",
     "trl.GRPOConfig",
+    "trl.trainer.utils",
     "peft.PeftModel",
     "peft.tuners.tuners_utils.BaseTunerLayer",
     "peft.tuners.lora.Linear",
