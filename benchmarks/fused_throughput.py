@@ -30,6 +30,7 @@ import warnings
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 METHODS = ("plain", "rotation", "fused")
+CEILING = "ceiling"  # not a method: the best fused / rotation ratio this machine allows (see `ceiling`)
 
 
 def configs(count: int, targets: str = "all-linear") -> list[dict]:
@@ -106,6 +107,8 @@ def worker(opts) -> dict:
         return time.perf_counter() - started
 
     seconds, total_tokens = 0.0, 0.0
+    if opts.method == CEILING:
+        return ceiling(opts, model, args, train, tokenizer)
     if opts.method == "plain":
         for config in configs(opts.k, opts.targets):
             set_seed(0)
@@ -145,6 +148,59 @@ def worker(opts) -> dict:
     }
 
 
+def ceiling(opts, model, args, train, tokenizer) -> dict:
+    """What a fused round costs at least: the model's forward and backward over K copies of a micro-batch.
+
+    The benchmark's runs all see the same micro-batches, so rotation runs TRL's forward and backward K times over a
+    micro-batch where a fused round runs it once over K copies (with K adapters instead of one). Measured with plain
+    TRL and one adapter (config 0), on the micro-batches of the benchmark's steps: `one` / `cat` = `compute_loss` plus
+    backward over each micro-batch / its K copies (`cat` with the LM head scoring labelled positions only, as a fused
+    round does). `main` turns them into the ceiling of fused / rotation: rotation's measured seconds `R` against
+    `R - K * one + cat`, a fused round that pays for nothing but the larger forward and backward (its K adapters free,
+    the rest of every run's step as rotation pays it).
+    """
+    import torch
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    from rf_callbacks.fused import _labelled_positions_only
+    from rf_callbacks.fused_lora import concat_batches
+
+    cuda = opts.device == "cuda"
+    config = configs(1, opts.targets)[0]
+    set_seed(0)
+    trainer = SFTTrainer(
+        model=model(),
+        args=args(tempfile.mkdtemp(prefix="rf-ceiling-"), learning_rate=config["learning_rate"]),
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=config["peft_config"],
+    )
+    clock = time.perf_counter if cuda else time.process_time  # on a CPU, the CPU seconds the ratio compares
+
+    def forward_backward(inputs) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        started = clock()
+        trainer.accelerator.backward(trainer.compute_loss(trainer.model_wrapped, inputs))
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = clock() - started
+        trainer.model.zero_grad(set_to_none=True)
+        return seconds
+
+    set_seed(0)  # the order `train()` draws, as the runs do
+    batches = [trainer._prepare_inputs(batch) for batch, _ in zip(trainer.get_train_dataloader(), range(opts.steps))]
+    copies = [concat_batches([inputs] * opts.k)[0] for inputs in batches]  # (before `compute_loss` adds keys)
+    trainer.model.train()
+    for inputs, fused in zip(batches[:2], copies):  # warm-up, both shapes
+        forward_backward(inputs), forward_backward(fused)
+    one = sum(forward_backward(inputs) for inputs in batches)
+    with _labelled_positions_only():  # the LM head as a fused round runs it
+        cat = sum(forward_backward(fused) for fused in copies)
+    return {"one_seconds": one, "cat_seconds": cat, "forward_backward_ceiling": opts.k * one / cat}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
@@ -158,7 +214,10 @@ def main() -> None:
         "--targets", default="all-linear", help='LoRA target modules: "all-linear" or a comma list, e.g. q_proj,v_proj'
     )
     parser.add_argument(
-        "--methods", default=",".join(METHODS), help="which of plain,rotation,fused to run (ratios need their pair)"
+        "--methods",
+        default=",".join(METHODS),
+        help="which of plain,rotation,fused,ceiling to run (ratios need their pair; ceiling: the best fused / "
+        "rotation this machine allows, see `ceiling`)",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of every (method, K), interleaved; the medians are reported"
@@ -171,7 +230,7 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
-    parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # worker mode
+    parser.add_argument("--method", choices=(*METHODS, CEILING), help=argparse.SUPPRESS)  # worker mode
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.method:
@@ -191,7 +250,7 @@ def main() -> None:
         f"{device} ({torch.get_num_threads()} threads); per-run batch {opts.batch}, {opts.steps} steps per run, "
         f"{opts.chunks} chunks"
     )
-    methods = [m for m in METHODS if m in opts.methods.split(",")]
+    methods = [m for m in (*METHODS, CEILING) if m in opts.methods.split(",")]
     runs: dict[str, list[dict]] = {}
     base = [sys.executable, __file__, *sys.argv[1:]]
     for _ in range(opts.repeats):  # interleaved, so that a slow spell of the machine hits every method alike
@@ -201,11 +260,14 @@ def main() -> None:
                 if out.returncode != 0:
                     sys.exit(f"{method} K={k} failed:\n{out.stderr[-3000:]}")
                 runs.setdefault(f"{method}/{k}", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ceilings = {key: runs.pop(key) for key in list(runs) if key.startswith(CEILING)}
     results = {
         key: {
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
             "tokens_per_s_runs": [round(r["tokens_per_s"], 1) for r in rs],
             "tokens_per_cpu_s": statistics.median(r["tokens_per_cpu_s"] for r in rs),
+            "seconds": statistics.median(r["seconds"] for r in rs),
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in rs),
             "peak_bytes": max(r["peak_bytes"] for r in rs),
         }
         for key, rs in runs.items()
@@ -246,6 +308,27 @@ def main() -> None:
     for k, row in summary.items():
         if row["fused_vs_rotation_cpu"]:
             print(f"K={k}: fused / rotation per CPU second (medians) {row['fused_vs_rotation_cpu']:.2f}x")
+        if f"{CEILING}/{k}" in ceilings:
+            measured = ceilings[f"{CEILING}/{k}"]
+            results[f"{CEILING}/{k}"] = measured
+            row["forward_backward_ceiling"] = round(
+                statistics.median(r["forward_backward_ceiling"] for r in measured), 3
+            )
+            line = f"forward and backward alone {row['forward_backward_ceiling']:.2f}x"
+            if f"rotation/{k}" in runs:  # with rotation's measured seconds of the same repeat
+                spent = "seconds" if opts.device == "cuda" else "cpu_seconds"
+                row["ceiling"] = round(
+                    statistics.median(
+                        r[spent] / (r[spent] - k * c["one_seconds"] + c["cat_seconds"])
+                        for r, c in zip(runs[f"rotation/{k}"], measured)
+                    ),
+                    3,
+                )
+                line = f"{row['ceiling']:.2f}x ({line})"
+            print(
+                f"K={k}: ceiling of fused / rotation on this machine {line}: one plain-TRL forward and backward over "
+                f"{k} copies of each micro-batch in place of {k} over it"
+            )
     print(
         json.dumps(
             {

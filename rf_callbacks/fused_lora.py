@@ -1,17 +1,17 @@
 """The fused round's tensor parts: concatenating runs' micro-batches, and LoRA layers that add each run's adapter
 to that run's rows only.
 
-`mixed_adapters(layers, segments, names)` patches every LoRA layer's forward for one round: the frozen base runs once
-over the concatenated batch, and each run's LoRA update is added to its own rows. Per layer, the round's segments give
-a `_LayerPlan`, with one of these paths: unequal segments go segment by segment (`_looped_delta`); equal segments with
-LoRA dropout through stacked products recorded op by op (`_stacked_dropout_delta`); equal segments without dropout
-through hand-written autograd nodes (ranks zero-padded to the largest, a run without an adapter on that layer gets
-zeros; batch k of every `bmm` reads only adapter k, so a NaN stays in its run). Over a plain frozen `nn.Linear` base,
-that node (`_FusedLinears`) also computes the base product, for all sibling layers that read the same input at once
-(q/k/v, gate/up: one `mm` for their bases, one `bmm` for all adapters' down-projections, one `baddbmm` per layer for
-the up-projections); otherwise `_StackedLoRA` computes the adapters' update alone. At this size the products are cheap
-and the cost is per op and per autograd node, so fewer, larger nodes are what makes a round fast. Training groups of
-runs with these is `fused.py`.
+`mixed_adapters(round_forwards(layers, segments, names))` patches every LoRA layer's forward for one round: the frozen
+base runs once over the concatenated batch, and each run's LoRA update is added to its own rows. Per layer, the
+round's segments give a `_LayerPlan`, with one of these paths: unequal segments go segment by segment
+(`_looped_delta`); equal segments with LoRA dropout through stacked products recorded op by op
+(`_stacked_dropout_delta`); equal segments without dropout through hand-written autograd nodes (ranks zero-padded to
+the largest, a run without an adapter on that layer gets zeros; batch k of every `bmm` reads only adapter k, so a NaN
+stays in its run). Over a plain frozen `nn.Linear` base, that node (`_FusedLinears`) also computes the base product,
+for all sibling layers that read the same input at once (q/k/v, gate/up: one `mm` for their bases, one `bmm` for all
+adapters' down-projections, one `baddbmm` per layer for the up-projections); otherwise `_StackedLoRA` computes the
+adapters' update alone. At this size the products are cheap and the cost is per op and per autograd node, so fewer,
+larger nodes are what makes a round fast. Training groups of runs with these is `fused.py`.
 """
 
 from __future__ import annotations
@@ -397,12 +397,9 @@ def round_forwards(
 
 
 @contextlib.contextmanager
-def mixed_adapters(
-    layers: Sequence[LoraLinear], segments: Sequence[tuple[str, slice]], names: Sequence[str] | None = None
-):
-    """Within the block, `layers` apply each segment's adapter to its rows (kept through the backward, which
-    re-runs forwards under gradient checkpointing)."""
-    forwards = round_forwards(layers, segments, names)
+def mixed_adapters(forwards: Sequence[tuple[LoraLinear, Any]]):
+    """Within the block, every layer takes its forward from `round_forwards` (each segment's adapter on its rows;
+    kept through the backward, which re-runs forwards under gradient checkpointing)."""
     for layer, forward in forwards:
         layer.forward = forward
     try:

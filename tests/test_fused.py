@@ -12,7 +12,7 @@ from test_exactness import adapter_weights, max_abs_diff
 from transformers import TrainerCallback, set_seed
 
 from rf_callbacks import RFGRPOTrainer, RFSFTTrainer
-from rf_callbacks.fused_lora import concat_batches, mixed_adapters
+from rf_callbacks.fused_lora import concat_batches, mixed_adapters, round_forwards
 
 # Different ranks, alphas, learning rates, target modules, batch sizes and gradient accumulation.
 FOUR_RUNS = [
@@ -160,7 +160,7 @@ def test_mixed_forward_equals_each_adapter_alone(make_model, sizes, dropout, mod
         return found
 
     names = [name for name, _ in named] if mode == "siblings" else None
-    with mixed_adapters(layers, [("x", x_rows), ("y", y_rows)], names):
+    with mixed_adapters(round_forwards(layers, [("x", x_rows), ("y", y_rows)], names)):
         assert _paths(layers) == paths
         mixed = model(input_ids=ids).logits
         (mixed[x_rows].square().mean() + mixed[y_rows].square().mean()).backward()
@@ -174,13 +174,13 @@ def test_mixed_forward_equals_each_adapter_alone(make_model, sizes, dropout, mod
         alone[adapter].square().mean().backward()
         alone_grads.update({n: g for n, g in grads().items() if f".{adapter}." in n})
     # The siblings' concatenated base products sum in another order: on an AVX-512 CPU the logits (~3 in size) of
-    # this model differ by up to 2e-5 after its layers; 1e-5 is the bound everywhere else.
+    # this model differ by up to 2e-5 after its layers, so the siblings' bounds are 10x wider (logits and gradients).
     for adapter, rows in (("x", x_rows), ("y", y_rows)):
         diff = (mixed[rows] - alone[adapter]).abs().max().item()
         assert diff <= (1e-4 if mode == "siblings" else 1e-5), (adapter, diff)
     assert mixed_grads.keys() == alone_grads.keys()
     assert any(".x." in name for name in mixed_grads) and any(".y." in name for name in mixed_grads)
-    atol = 1e-5 if mode == "siblings" else 1e-6  # the siblings' concatenated base products sum in another order
+    atol = 1e-5 if mode == "siblings" else 1e-6
     for name, grad in mixed_grads.items():
         assert torch.allclose(grad, alone_grads[name], atol=atol), (name, (grad - alone_grads[name]).abs().max())
     with torch.no_grad():  # the adapters differ, so the check above can fail

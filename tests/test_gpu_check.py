@@ -62,3 +62,28 @@ def test_real_model_benchmark_quick_run(tmp_path):
         "r4-lr0.001",
         "r16-lr0.001",
     ]
+
+
+def test_fused_throughput_ceiling_quick_run(tmp_path):
+    """`fused_throughput.py` with the ceiling: fused and rotation train, and the ceiling is rotation's measured seconds
+    against a round that pays only the forward and backward over K copies (recomputed here from the raw numbers)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    args = ["--hidden", "32", "--layers", "1", "--ks", "2", "--steps", "3", "--threads", "1"]
+    args += ["--methods", "rotation,fused,ceiling"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fused_throughput.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "ceiling of fused / rotation on this machine" in done.stdout
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    row, (measured,) = result["summary"]["2"], result["results"]["ceiling/2"]
+    assert row["fused_vs_rotation_cpu"] > 0 and measured["one_seconds"] > 0 and measured["cat_seconds"] > 0
+    assert row["forward_backward_ceiling"] == round(2 * measured["one_seconds"] / measured["cat_seconds"], 3)
+    spent = result["results"]["rotation/2"]["cpu_seconds"]  # one repeat: the median is that run's
+    expected = spent / (spent - 2 * measured["one_seconds"] + measured["cat_seconds"])
+    assert row["ceiling"] == round(expected, 3) and row["ceiling"] > 0
