@@ -171,7 +171,6 @@ class RFDPOTrainer(MultiConfigMixin, DPOTrainer):
         self._build_runs(specs, rf)
 
     def _check_run_spec(self, spec: RunSpec) -> None:
-
         validate_dpo_specs([spec])
 
     # Per-run data: `max_length` and `truncation_mode` decide which rows `DPOTrainer._prepare_dataset` keeps (with

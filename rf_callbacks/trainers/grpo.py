@@ -280,7 +280,6 @@ class RFGRPOTrainer(MultiConfigMixin, GRPOTrainer):
         self._build_runs(specs, rf, shared_args=template)
 
     def _check_run_spec(self, spec: RunSpec) -> None:
-
         validate_grpo_specs([spec], len(self.reward_funcs), evaluates=self.eval_dataset is not None)
 
     def _activate(self, run) -> None:
