@@ -39,11 +39,11 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert table.count("\n| ") == 8  # header + one row per check
 
 
-def test_real_model_benchmark_quick_run(tmp_path):
-    """`real_model.py --quick --model tiny`: every measurement of the real-model benchmark runs and reports."""
+def _run_benchmark(tmp_path: Path, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `benchmarks/<script>` on the CPU in `tmp_path`; `.json` is its last line parsed."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "real_model.py"), "--quick", "--model", "tiny"],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -51,7 +51,13 @@ def test_real_model_benchmark_quick_run(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    done.json = json.loads(done.stdout.strip().splitlines()[-1])
+    return done
+
+
+def test_real_model_benchmark_quick_run(tmp_path):
+    """`real_model.py --quick --model tiny`: every measurement of the real-model benchmark runs and reports."""
+    result = _run_benchmark(tmp_path, "real_model.py", "--quick", "--model", "tiny").json
     assert result["all_completed"] and result["time_to_winner"]["same_pick"]
     # both sides were profiled over the same number of optimizer steps (4 configs x 4 steps)
     assert result["profile"]["steps"] == result["profile"]["rotation_steps"] == 16
@@ -67,20 +73,10 @@ def test_real_model_benchmark_quick_run(tmp_path):
 def test_fused_throughput_ceiling_quick_run(tmp_path):
     """`fused_throughput.py` with the ceiling: fused and rotation train, and the ceiling is rotation's measured seconds
     against a round that pays only the forward and backward over K copies (recomputed here from the raw numbers)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
     args = ["--hidden", "32", "--layers", "1", "--ks", "2", "--steps", "3", "--threads", "1"]
-    args += ["--methods", "rotation,fused,ceiling"]
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "fused_throughput.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _run_benchmark(tmp_path, "fused_throughput.py", *args, "--methods", "rotation,fused,ceiling")
     assert "ceiling of fused / rotation on this machine" in done.stdout
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = done.json
     row, (measured,) = result["summary"]["2"], result["results"]["ceiling/2"]
     assert row["fused_vs_rotation_cpu"] > 0 and measured["one_seconds"] > 0 and measured["cat_seconds"] > 0
     assert row["forward_backward_ceiling"] == round(2 * measured["one_seconds"] / measured["cat_seconds"], 3)
