@@ -30,7 +30,7 @@ import warnings
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 METHODS = ("plain", "rotation", "fused")
-CEILING = "ceiling"  # not a method: the best fused / rotation ratio this machine allows (see `ceiling`)
+CEILING = "ceiling"  # not a method: an estimate of the best fused / rotation ratio on this machine (see `ceiling`)
 
 
 def configs(count: int, targets: str = "all-linear") -> list[dict]:
@@ -157,7 +157,8 @@ def ceiling(opts, model, args, train, tokenizer) -> dict:
     backward over each micro-batch / its K copies (`cat` with the LM head scoring labelled positions only, as a fused
     round does). `main` turns them into the ceiling of fused / rotation: rotation's measured seconds `R` against
     `R - K * one + cat`, a fused round that pays for nothing but the larger forward and backward (its K adapters free,
-    the rest of every run's step as rotation pays it).
+    the rest of every run's step as rotation pays it). An estimate, not a bound: the passes run back to back, with
+    warmer caches than inside training steps, so `R - K * one` overstates the rest; on some CPUs fused passes it.
     """
     import torch
     from transformers import set_seed
@@ -216,8 +217,8 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default=",".join(METHODS),
-        help="which of plain,rotation,fused,ceiling to run (ratios need their pair; ceiling: the best fused / "
-        "rotation this machine allows, see `ceiling`)",
+        help="which of plain,rotation,fused,ceiling to run (ratios need their pair; ceiling: an estimate of the "
+        "best fused / rotation on this machine, see `ceiling`)",
     )
     parser.add_argument(
         "--repeats", type=int, default=1, help="runs of every (method, K), interleaved; the medians are reported"
