@@ -151,14 +151,16 @@ def worker(opts) -> dict:
 def ceiling(opts, model, args, train, tokenizer) -> dict:
     """What a fused round costs at least: the model's forward and backward over K copies of a micro-batch.
 
-    The benchmark's runs all see the same micro-batches, so rotation runs TRL's forward and backward K times over a
-    micro-batch where a fused round runs it once over K copies (with K adapters instead of one). Measured with plain
-    TRL and one adapter (config 0), on the micro-batches of the benchmark's steps: `one` / `cat` = `compute_loss` plus
-    backward over each micro-batch / its K copies (`cat` with the LM head scoring labelled positions only, as a fused
-    round does). `main` turns them into the ceiling of fused / rotation: rotation's measured seconds `R` against
-    `R - K * one + cat`, a fused round that pays for nothing but the larger forward and backward (its K adapters free,
-    the rest of every run's step as rotation pays it). An estimate, not a bound: the passes run back to back, with
-    warmer caches than inside training steps, so `R - K * one` overstates the rest; on some CPUs fused passes it.
+    The benchmark's runs all see the same micro-batches, so rotation runs TRL's training step K times over a
+    micro-batch where a fused round runs one forward and backward over K copies (with K adapters instead of one).
+    Measured with plain TRL and one adapter (config 0), inside real training (optimizer steps and data loading between
+    the steps, as in the runs; timing back-to-back passes instead gave them warmer caches, which overstated each run's
+    rest): `one` = the seconds of `training_step` over the benchmark's micro-batches, `cat` = the same with every
+    micro-batch replaced by its K copies (the LM head scoring labelled positions only, as a fused round does). `main`
+    turns them into the ceiling of fused / rotation: rotation's measured seconds `R` against `R - K * one + cat`, a
+    fused round that pays for nothing but the larger forward and backward (its K adapters free, the rest of every
+    run's step as rotation pays it). Still an estimate: these steps run in another process than rotation's, at
+    another moment.
     """
     import torch
     from transformers import set_seed
@@ -168,37 +170,41 @@ def ceiling(opts, model, args, train, tokenizer) -> dict:
     from rf_callbacks.fused_lora import concat_batches
 
     cuda = opts.device == "cuda"
-    config = configs(1, opts.targets)[0]
-    set_seed(0)
-    trainer = SFTTrainer(
-        model=model(),
-        args=args(tempfile.mkdtemp(prefix="rf-ceiling-"), learning_rate=config["learning_rate"]),
-        train_dataset=train,
-        processing_class=tokenizer,
-        peft_config=config["peft_config"],
-    )
     clock = time.perf_counter if cuda else time.process_time  # on a CPU, the CPU seconds the ratio compares
+    config = configs(1, opts.targets)[0]
 
-    def forward_backward(inputs) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        started = clock()
-        trainer.accelerator.backward(trainer.compute_loss(trainer.model_wrapped, inputs))
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = clock() - started
-        trainer.model.zero_grad(set_to_none=True)
-        return seconds
+    class TimedSFTTrainer(SFTTrainer):
+        seconds = 0.0
 
-    set_seed(0)  # the order `train()` draws, as the runs do
-    batches = [trainer._prepare_inputs(batch) for batch, _ in zip(trainer.get_train_dataloader(), range(opts.steps))]
-    copies = [concat_batches([inputs] * opts.k)[0] for inputs in batches]  # (before `compute_loss` adds keys)
-    trainer.model.train()
-    for inputs, fused in zip(batches[:2], copies):  # warm-up, both shapes
-        forward_backward(inputs), forward_backward(fused)
-    one = sum(forward_backward(inputs) for inputs in batches)
-    with _labelled_positions_only():  # the LM head as a fused round runs it
-        cat = sum(forward_backward(fused) for fused in copies)
+        def training_step(self, *step_args, **step_kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            started = clock()
+            loss = super().training_step(*step_args, **step_kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+            self.seconds += clock() - started
+            return loss
+
+    def train_steps(copies: int) -> float:
+        set_seed(0)  # the model, adapter and data order of the runs
+        trainer = TimedSFTTrainer(
+            model=model(),
+            args=args(tempfile.mkdtemp(prefix="rf-ceiling-"), learning_rate=config["learning_rate"]),
+            train_dataset=train,
+            processing_class=tokenizer,
+            peft_config=config["peft_config"],
+        )
+        if copies > 1:
+            collate = trainer.data_collator
+            trainer.data_collator = lambda features: concat_batches([collate(features)] * copies)[0]
+            with _labelled_positions_only():  # the LM head as a fused round runs it
+                trainer.train()
+        else:
+            trainer.train()
+        return trainer.seconds
+
+    one, cat = train_steps(1), train_steps(opts.k)
     return {"one_seconds": one, "cat_seconds": cat, "forward_backward_ceiling": opts.k * one / cat}
 
 
