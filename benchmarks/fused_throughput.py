@@ -154,13 +154,12 @@ def ceiling(opts, model, args, train, tokenizer) -> dict:
     The benchmark's runs all see the same micro-batches, so rotation runs TRL's training step K times over a
     micro-batch where a fused round runs one forward and backward over K copies (with K adapters instead of one).
     Measured with plain TRL and one adapter (config 0), inside real training (optimizer steps and data loading between
-    the steps, as in the runs; timing back-to-back passes instead gave them warmer caches, which overstated each run's
-    rest): `one` = the seconds of `training_step` over the benchmark's micro-batches, `cat` = the same with every
-    micro-batch replaced by its K copies (the LM head scoring labelled positions only, as a fused round does). `main`
-    turns them into the ceiling of fused / rotation: rotation's measured seconds `R` against `R - K * one + cat`, a
-    fused round that pays for nothing but the larger forward and backward (its K adapters free, the rest of every
-    run's step as rotation pays it). Still an estimate: these steps run in another process than rotation's, at
-    another moment.
+    the steps, as in the runs; back-to-back passes, timed before, left out what training does between them): `one` =
+    the seconds of `training_step` over the benchmark's micro-batches, `cat` = the same with every micro-batch
+    replaced by its K copies (the LM head scoring labelled positions only, as a fused round does). `main` turns them
+    into the ceiling of fused / rotation: rotation's measured seconds `R` against `R - K * one + cat`, a fused round
+    that pays for nothing but the larger forward and backward (its K adapters free, the rest of every run's step as
+    rotation pays it). Still an estimate: these steps run in another process than rotation's, at another moment.
     """
     import torch
     from transformers import set_seed
