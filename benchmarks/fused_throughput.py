@@ -16,6 +16,7 @@ The last line of stdout is one JSON object with every number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -194,12 +195,12 @@ def ceiling(opts, model, args, train, tokenizer) -> dict:
             processing_class=tokenizer,
             peft_config=config["peft_config"],
         )
+        head = contextlib.nullcontext()
         if copies > 1:
             collate = trainer.data_collator
             trainer.data_collator = lambda features: concat_batches([collate(features)] * copies)[0]
-            with _labelled_positions_only():  # the LM head as a fused round runs it
-                trainer.train()
-        else:
+            head = _labelled_positions_only()  # the LM head as a fused round runs it
+        with head:
             trainer.train()
         return trainer.seconds
 
